@@ -1,0 +1,152 @@
+"""Signing authorities: the certificate and signer that issue leaves, and how to make them.
+
+Keys are inputs: callers generate or load them (a KeyManager), and pass the signer in.
+The signer may be any cryptography private-key object, including one backed by an HSM or
+Vault that never exposes key bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from meshca.core.spiffe import TrustDomain
+
+__all__ = ["Authority", "SignerKey", "build_intermediate", "build_root", "hash_for"]
+
+SignerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def hash_for(key: SignerKey) -> hashes.HashAlgorithm | None:
+    """The digest to sign with: SHA-384 for P-384 keys, none for Ed25519, else SHA-256."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+@dataclass(frozen=True)
+class Authority:
+    """An issuing CA: its certificate, its signer, the chain up to a root, and the roots.
+
+    ``chain`` holds the intermediates from the issuer up to (excluding) the root, issuer
+    first; ``roots`` is the trust bundle that relying parties verify against.
+    """
+
+    certificate: x509.Certificate
+    signer: SignerKey
+    chain: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+
+    @property
+    def not_before(self) -> datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        """The end of the issuer's usable life: the earliest expiry on its chain."""
+        return min(c.not_valid_after_utc for c in (self.certificate, *self.chain))
+
+    def chain_pem(self) -> list[str]:
+        return [c.public_bytes(Encoding.PEM).decode() for c in (self.certificate, *self.chain)]
+
+    def roots_pem(self) -> list[str]:
+        return [c.public_bytes(Encoding.PEM).decode() for c in self.roots]
+
+
+def _ca_extensions(
+    builder: x509.CertificateBuilder,
+    subject_key: object,
+    trust_domain: TrustDomain,
+    path_length: int | None,
+) -> x509.CertificateBuilder:
+    assert isinstance(
+        subject_key,
+        ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
+    )
+    return (
+        builder.add_extension(x509.BasicConstraints(ca=True, path_length=path_length), True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(subject_key), False)
+        # A signing certificate may carry its trust domain's SPIFFE ID, never a path.
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(trust_domain.id)]),
+            False,
+        )
+    )
+
+
+def _ca_name(trust_domain: TrustDomain, role: str, serial: int) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshca"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain.name[:64]),
+            # The serial's prefix keeps names unique across rotations.
+            x509.NameAttribute(NameOID.COMMON_NAME, f"meshca {role} {serial:x}"[:64]),
+        ]
+    )
+
+
+def build_root(
+    key: SignerKey, trust_domain: TrustDomain, now: datetime, ttl: timedelta, serial: int
+) -> x509.Certificate:
+    """A self-signed root valid from ``now`` for ``ttl``."""
+    name = _ca_name(trust_domain, "root", serial)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + ttl)
+    )
+    builder = _ca_extensions(builder, key.public_key(), trust_domain, None)
+    return builder.sign(key, hash_for(key))
+
+
+def build_intermediate(
+    subject_public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey,
+    issuer: x509.Certificate,
+    issuer_key: SignerKey,
+    trust_domain: TrustDomain,
+    now: datetime,
+    ttl: timedelta,
+    serial: int,
+) -> x509.Certificate:
+    """An intermediate under ``issuer``, never outliving it, that may sign only leaves."""
+    not_after = min(now + ttl, issuer.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_ca_name(trust_domain, "intermediate", serial))
+        .issuer_name(issuer.subject)
+        .public_key(subject_public_key)
+        .serial_number(serial)
+        .not_valid_before(max(now, issuer.not_valid_before_utc))
+        .not_valid_after(not_after)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+        )
+    )
+    builder = _ca_extensions(builder, subject_public_key, trust_domain, 0)
+    return builder.sign(issuer_key, hash_for(issuer_key))

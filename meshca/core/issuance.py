@@ -1,0 +1,117 @@
+"""Leaf X509-SVID issuance: from an attested identity and a verified CSR to a certificate.
+
+The leaf's lifetime is ``min(requested or default, max, issuer's remaining life)``: meshca
+never signs a certificate that outlives its issuer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from meshca.core.authority import Authority, hash_for
+from meshca.core.csr import CsrRequest
+from meshca.core.errors import AuthorityNotReady, NotAuthorized
+from meshca.core.spiffe import SpiffeId
+
+__all__ = ["CLOCK_SKEW_BACKDATE", "IssuancePolicy", "authorize_csr", "issue_leaf", "leaf_lifetime"]
+
+#: notBefore is backdated this much so peers with slightly slow clocks accept the leaf.
+CLOCK_SKEW_BACKDATE = timedelta(seconds=60)
+#: An issuer with less life left than this is not used: the leaf would be useless.
+MIN_LEAF_LIFETIME = timedelta(seconds=60)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuancePolicy:
+    """Plain TTL settings: what a caller gets by default and at most."""
+
+    default_ttl: timedelta = timedelta(hours=24)
+    max_ttl: timedelta = timedelta(hours=24)
+
+
+def authorize_csr(csr: CsrRequest, spiffe_id: SpiffeId) -> None:
+    """A CSR may name no URI at all, or exactly the caller's own SPIFFE ID."""
+    wanted = str(spiffe_id)
+    if len(csr.uri_sans) > 1:
+        raise NotAuthorized(
+            f"CSR asks for {len(csr.uri_sans)} URI SANs; an SVID has exactly one ({wanted})",
+            reason="csr-identity-mismatch",
+        )
+    if csr.uri_sans and csr.uri_sans[0] != wanted:
+        raise NotAuthorized(
+            f"CSR asks for {csr.uri_sans[0][:200]!r} but the token proves {wanted}",
+            reason="csr-identity-mismatch",
+        )
+
+
+def leaf_lifetime(
+    now: datetime, requested: timedelta | None, policy: IssuancePolicy, issuer: Authority
+) -> tuple[datetime, datetime]:
+    """``(not_before, not_after)`` for a leaf issued at ``now``."""
+    ttl = requested if requested is not None and requested > timedelta(0) else policy.default_ttl
+    ttl = min(ttl, policy.max_ttl)
+    not_after = min(now + ttl, issuer.not_after)
+    if not_after - now < MIN_LEAF_LIFETIME:
+        raise AuthorityNotReady("the issuing CA expires too soon to sign a usable certificate")
+    not_before = max(now - CLOCK_SKEW_BACKDATE, issuer.not_before)
+    return not_before, not_after
+
+
+def issue_leaf(
+    csr: CsrRequest,
+    spiffe_id: SpiffeId,
+    issuer: Authority,
+    not_before: datetime,
+    not_after: datetime,
+    serial: int,
+) -> x509.Certificate:
+    """Sign an X509-SVID for ``spiffe_id`` with the CSR's key and nothing else it asked for.
+
+    The subject is empty and the URI SAN therefore critical, as RFC 5280 requires.
+    """
+    is_rsa = isinstance(csr.public_key, rsa.RSAPublicKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(issuer.certificate.subject)
+        .public_key(csr.public_key)
+        .serial_number(serial)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=is_rsa,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.signer.public_key()),
+            False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+            True,
+        )
+    )
+    return builder.sign(issuer.signer, hash_for(issuer.signer))

@@ -1,0 +1,1 @@
+"""Use cases over the core's ports. Async, but free of transports and storage."""

@@ -1,0 +1,217 @@
+"""The signing use case: attest -> authorize -> issue -> validate -> record -> release.
+
+Every request, issued or refused, leaves one ``AuditRecord``. A certificate is returned
+only after its record is durably committed; if the record cannot be written, the caller
+gets ``BackendUnavailable`` and no certificate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from meshca.core.audit import AuditRecord, Outcome
+from meshca.core.authority import Authority
+from meshca.core.csr import CsrRequest, parse_csr
+from meshca.core.errors import (
+    AuthenticationFailed,
+    InternalError,
+    MeshcaError,
+    RequestTooLarge,
+)
+from meshca.core.identity import KubernetesIdentity, spiffe_id_for
+from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf, leaf_lifetime
+from meshca.core.ports import Attestor, AuditLog, Clock
+from meshca.core.spiffe import SpiffeId, TrustDomain
+from meshca.core.svid_rules import check_leaf_svid
+
+__all__ = ["MAX_TOKEN_BYTES", "CertificateService", "SignRequest", "SignedCertificate"]
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SignRequest:
+    """One signing request, whichever API it came through."""
+
+    token: str | None
+    csr: bytes
+    requested_ttl: timedelta | None
+    api: str
+    peer: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedCertificate:
+    """A leaf with the chain to present after it and the roots to verify it against."""
+
+    leaf: x509.Certificate
+    intermediates: tuple[x509.Certificate, ...]
+    roots: tuple[x509.Certificate, ...]
+    spiffe_id: SpiffeId
+
+    @property
+    def not_after(self) -> datetime:
+        return self.leaf.not_valid_after_utc
+
+    def leaf_pem(self) -> str:
+        return self.leaf.public_bytes(Encoding.PEM).decode()
+
+
+def serial_hex(serial: int) -> str:
+    return f"{serial:x}"
+
+
+class CertificateService:
+    """Issues X509-SVIDs to callers that prove a Kubernetes service account identity."""
+
+    def __init__(
+        self,
+        *,
+        trust_domain: TrustDomain,
+        attestor: Attestor,
+        audit_log: AuditLog,
+        authority: Callable[[], Authority],
+        clock: Clock,
+        policy: IssuancePolicy,
+        new_serial: Callable[[], int],
+        offload: Callable[[Callable[[], Any]], Awaitable[Any]],
+    ) -> None:
+        self._trust_domain = trust_domain
+        self._attestor = attestor
+        self._audit = audit_log
+        self._authority = authority
+        self._clock = clock
+        self._policy = policy
+        self._new_serial = new_serial
+        # CPU-heavy crypto runs here, keeping the event loop free to take requests.
+        self._offload = offload
+
+    async def sign(self, request: SignRequest) -> SignedCertificate:
+        now = self._clock.now()
+        context = _RefusalContext()
+        try:
+            identity = await self._attest(request.token)
+            context.identity = identity
+            spiffe_id = spiffe_id_for(identity, self._trust_domain)
+            context.spiffe_id = spiffe_id
+            authority = self._authority()
+            serial = self._new_serial()
+            csr, leaf = await self._offload(
+                lambda: self._issue(request, spiffe_id, authority, now, serial)
+            )
+        except MeshcaError as error:
+            await self._record_refusal(request, now, context, error)
+            raise
+        except Exception as error:
+            log.exception("unexpected failure while issuing for %s", context.spiffe_id)
+            internal = InternalError("internal error while issuing the certificate")
+            await self._record_refusal(request, now, context, internal)
+            raise internal from error
+
+        record = AuditRecord(
+            time=now,
+            outcome=Outcome.ISSUED,
+            api=request.api,
+            reason="ok",
+            spiffe_id=str(spiffe_id),
+            serial=serial_hex(leaf.serial_number),
+            fingerprint_sha256=hashlib.sha256(leaf.public_bytes(Encoding.DER)).hexdigest(),
+            not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc,
+            peer=request.peer,
+            csr_sha256=csr.sha256,
+            **_identity_fields(identity),
+        )
+        try:
+            await self._audit.append(record)
+        except MeshcaError:
+            # The record is the certificate's licence to leave: without it, nothing leaves.
+            log.error("issuance record not committed; withholding certificate %s", record.serial)
+            raise
+        return SignedCertificate(
+            leaf=leaf,
+            intermediates=(authority.certificate, *authority.chain),
+            roots=authority.roots,
+            spiffe_id=spiffe_id,
+        )
+
+    async def _attest(self, token: str | None) -> KubernetesIdentity:
+        if not token:
+            raise AuthenticationFailed(
+                "no bearer token: send 'authorization: Bearer <service-account token>'",
+                reason="token-missing",
+            )
+        if len(token) > MAX_TOKEN_BYTES:
+            raise RequestTooLarge(
+                f"token is {len(token)} bytes; the limit is {MAX_TOKEN_BYTES}",
+                reason="token-too-large",
+            )
+        return await self._attestor.attest(token)
+
+    def _issue(
+        self,
+        request: SignRequest,
+        spiffe_id: SpiffeId,
+        authority: Authority,
+        now: datetime,
+        serial: int,
+    ) -> tuple[CsrRequest, x509.Certificate]:
+        csr = parse_csr(request.csr)
+        authorize_csr(csr, spiffe_id)
+        not_before, not_after = leaf_lifetime(now, request.requested_ttl, self._policy, authority)
+        leaf = issue_leaf(csr, spiffe_id, authority, not_before, not_after, serial)
+        check_leaf_svid(leaf, spiffe_id, authority)
+        return csr, leaf
+
+    async def _record_refusal(
+        self, request: SignRequest, now: datetime, context: _RefusalContext, error: MeshcaError
+    ) -> None:
+        record = AuditRecord(
+            time=now,
+            outcome=Outcome.REFUSED,
+            api=request.api,
+            reason=error.reason,
+            detail=error.message[:1000],
+            spiffe_id=str(context.spiffe_id) if context.spiffe_id else None,
+            peer=request.peer,
+            **_identity_fields(context.identity),
+        )
+        try:
+            await self._audit.append(record)
+        except MeshcaError:
+            # The caller already gets a refusal; losing its record is logged loudly.
+            log.error("refusal record not committed: %s %s", record.reason, record.spiffe_id)
+        except Exception:
+            log.exception("refusal record not committed")
+
+
+class _RefusalContext:
+    """What was learned about a caller before its request was refused."""
+
+    __slots__ = ("identity", "spiffe_id")
+
+    def __init__(self) -> None:
+        self.identity: KubernetesIdentity | None = None
+        self.spiffe_id: SpiffeId | None = None
+
+
+def _identity_fields(identity: KubernetesIdentity | None) -> dict[str, str | None]:
+    if identity is None:
+        return {}
+    return {
+        "namespace": identity.namespace,
+        "service_account": identity.service_account,
+        "pod_name": identity.pod_name,
+        "pod_uid": identity.pod_uid,
+        "node_name": identity.node_name,
+    }

@@ -1,0 +1,1 @@
+"""Kubernetes API stand-in fixtures (OIDC discovery, JWKS, TokenReview)."""

@@ -1,0 +1,1 @@
+"""A real PostgreSQL server for the tests, started as the postgres user."""
