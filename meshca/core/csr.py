@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID
@@ -65,12 +66,12 @@ def parse_csr(data: bytes) -> CsrRequest:
             csr = x509.load_pem_x509_csr(stripped)
         else:
             csr = x509.load_der_x509_csr(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise MalformedCsr(f"CSR could not be parsed: {_first_line(exc)}") from None
     try:
         signature_ok = csr.is_signature_valid
         public_key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # Unsupported or corrupt key and signature algorithms surface here.
         raise MalformedCsr(f"CSR could not be verified: {_first_line(exc)}") from None
     if not signature_ok:

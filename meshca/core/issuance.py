@@ -6,6 +6,7 @@ never signs a certificate that outlives its issuer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -69,10 +70,13 @@ def issue_leaf(
     not_before: datetime,
     not_after: datetime,
     serial: int,
+    extra_names: Sequence[x509.GeneralName] = (),
 ) -> x509.Certificate:
     """Sign an X509-SVID for ``spiffe_id`` with the CSR's key and nothing else it asked for.
 
     The subject is empty and the URI SAN therefore critical, as RFC 5280 requires.
+    ``extra_names`` (DNS names, IP addresses) are for meshca's own serving certificate;
+    a caller's CSR never chooses them.
     """
     is_rsa = isinstance(csr.public_key, rsa.RSAPublicKey)
     builder = (
@@ -110,7 +114,9 @@ def issue_leaf(
             False,
         )
         .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(spiffe_id))]),
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(str(spiffe_id)), *extra_names]
+            ),
             True,
         )
     )

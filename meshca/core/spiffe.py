@@ -35,7 +35,7 @@ class TrustDomain:
     def __post_init__(self) -> None:
         if not self.name:
             raise InvalidSpiffeId("trust domain is empty")
-        if len(self.name.encode()) > MAX_TRUST_DOMAIN_BYTES:
+        if len(self.name.encode("utf-8", "surrogatepass")) > MAX_TRUST_DOMAIN_BYTES:
             raise InvalidSpiffeId(f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
         if not _TRUST_DOMAIN_RE.fullmatch(self.name):
             raise InvalidSpiffeId(

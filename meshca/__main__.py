@@ -1,0 +1,7 @@
+"""``python -m meshca``."""
+
+import sys
+
+from meshca.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Adapters: the edges of meshca that speak to transports, clusters, vaults and databases."""

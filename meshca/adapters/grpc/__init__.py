@@ -1,0 +1,1 @@
+"""The gRPC surface: servicers, the error mapping and the server."""

@@ -1,0 +1,38 @@
+"""Reading what callers put in gRPC metadata."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from meshca.core.errors import AuthenticationFailed
+
+__all__ = ["bearer_token", "peer_address"]
+
+
+def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    """The token from ``authorization: Bearer <token>``; None when there is no header.
+
+    A header with another scheme or with several values is an authentication failure,
+    so a caller never learns which of its values was used.
+    """
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise AuthenticationFailed("more than one authorization header", reason="token-malformed")
+    value = values[0]
+    if isinstance(value, bytes):
+        raise AuthenticationFailed("authorization header is binary", reason="token-malformed")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed(
+            "authorization header must be 'Bearer <token>'", reason="token-malformed"
+        )
+    return token.strip()
+
+
+def peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+    peer = context.peer()
+    return str(peer) if peer else None

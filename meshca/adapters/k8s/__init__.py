@@ -1,0 +1,1 @@
+"""Kubernetes service-account token attestation: offline (JWKS) and online (TokenReview)."""

@@ -1,0 +1,1 @@
+"""Key backends: where the CA's private keys live."""

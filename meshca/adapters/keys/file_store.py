@@ -1,0 +1,165 @@
+"""A self-generated CA kept in the data directory (files 0600, directory 0700).
+
+On first start it creates an ECDSA P-256 root and an intermediate under it, and reuses
+them on later starts. Creation holds a lock so concurrent starters make one CA, and
+files are written atomically so a crash never leaves half a CA behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshca.core.authority import Authority, SignerKey, build_intermediate, build_root
+from meshca.core.spiffe import TrustDomain
+
+__all__ = ["FileCaStore", "new_serial", "write_private"]
+
+
+def new_serial() -> int:
+    """A random positive serial with 127 bits of entropy (RFC 5280 allows up to 20 octets)."""
+    return secrets.randbits(127) | 1 << 120  # the high bit keeps it long and never zero
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class FileCaStore:
+    """The CA files under ``<data_dir>/ca``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.directory = data_dir / "ca"
+
+    @property
+    def root_path(self) -> Path:
+        return self.directory / "root.pem"
+
+    @property
+    def intermediate_path(self) -> Path:
+        return self.directory / "intermediate.pem"
+
+    @property
+    def _root_key_path(self) -> Path:
+        return self.directory / "root.key"
+
+    @property
+    def _intermediate_key_path(self) -> Path:
+        return self.directory / "intermediate.key"
+
+    def exists(self) -> bool:
+        return self.root_path.exists() and self.intermediate_path.exists()
+
+    def load_roots(self) -> tuple[x509.Certificate, ...]:
+        """The roots of the trust bundle, without touching private keys."""
+        return tuple(x509.load_pem_x509_certificates(self.root_path.read_bytes()))
+
+    def load_or_create(
+        self,
+        trust_domain: TrustDomain,
+        now: datetime,
+        root_ttl: timedelta,
+        intermediate_ttl: timedelta,
+    ) -> Authority:
+        """Load the CA, creating it first if absent or renewing an intermediate past half-life.
+
+        A root from another trust domain is refused rather than silently replaced.
+        """
+        with self._locked():
+            if not self._root_key_path.exists():
+                self._create_root(trust_domain, now, root_ttl)
+            root = x509.load_pem_x509_certificate(self.root_path.read_bytes())
+            root_key = self._load_key(self._root_key_path)
+            expected = x509.UniformResourceIdentifier(trust_domain.id)
+            sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            if expected not in sans:
+                raise ValueError(
+                    f"the CA in {self.directory} belongs to another trust domain "
+                    f"({', '.join(sans.get_values_for_type(x509.UniformResourceIdentifier))}); "
+                    f"use a fresh --data-dir for {trust_domain.id}"
+                )
+            if self._intermediate_needs_renewal(now):
+                self._create_intermediate(root, root_key, trust_domain, now, intermediate_ttl)
+            intermediate = x509.load_pem_x509_certificate(self.intermediate_path.read_bytes())
+            return Authority(
+                certificate=intermediate,
+                signer=self._load_key(self._intermediate_key_path),
+                chain=(),
+                roots=(root,),
+            )
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.directory, 0o700)
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _intermediate_needs_renewal(self, now: datetime) -> bool:
+        if not (self.intermediate_path.exists() and self._intermediate_key_path.exists()):
+            return True
+        cert = x509.load_pem_x509_certificate(self.intermediate_path.read_bytes())
+        key = self._load_key(self._intermediate_key_path)
+        if cert.public_key() != key.public_key():
+            return True  # a crash between writing the new key and its certificate
+        half_life = cert.not_valid_before_utc + (
+            cert.not_valid_after_utc - cert.not_valid_before_utc
+        ) / 2
+        return now >= half_life
+
+    def _create_root(self, trust_domain: TrustDomain, now: datetime, ttl: timedelta) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = build_root(key, trust_domain, now, ttl, new_serial())
+        # Key first: a root certificate without its key would be unusable.
+        write_private(self._root_key_path, _key_pem(key))
+        write_private(self.root_path, cert.public_bytes(serialization.Encoding.PEM))
+
+    def _create_intermediate(
+        self,
+        root: x509.Certificate,
+        root_key: SignerKey,
+        trust_domain: TrustDomain,
+        now: datetime,
+        ttl: timedelta,
+    ) -> None:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = build_intermediate(
+            key.public_key(), root, root_key, trust_domain, now, ttl, new_serial()
+        )
+        write_private(self._intermediate_key_path, _key_pem(key))
+        write_private(self.intermediate_path, cert.public_bytes(serialization.Encoding.PEM))
+
+    @staticmethod
+    def _load_key(path: Path) -> SignerKey:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        assert isinstance(key, SignerKey)
+        return key
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )

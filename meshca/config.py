@@ -1,0 +1,191 @@
+"""Settings: the only code that reads the environment or configuration files.
+
+Each setting comes from, in rising precedence: its default, the YAML file given with
+``--config`` (or ``MESHCA_CONFIG``), a ``MESHCA_<NAME>`` environment variable, and the
+command-line flag ``--<name>``. Names are the same everywhere, with ``-`` in flags and
+YAML (``_`` is accepted in YAML too) and ``_`` upper-cased in the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_duration"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or has a bad value; the message names it."""
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | int | float) -> timedelta:
+    """``90``, ``"90s"``, ``"15m"``, ``"1h30m"``, ``"7d"`` -> timedelta. Bare numbers are seconds."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        value = str(text).strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", value):
+            seconds = float(value)
+        else:
+            pos, seconds = 0, 0.0
+            for match in _DURATION_RE.finditer(value):
+                if match.start() != pos:
+                    break
+                seconds += float(match.group(1)) * _UNITS[match.group(2)]
+                pos = match.end()
+            if pos != len(value) or not value:
+                raise ConfigError(f"{text!r} is not a duration (examples: 90s, 15m, 24h, 7d)")
+    if seconds <= 0:
+        raise ConfigError(f"{text!r}: a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``meshca serve`` can be told. See README.md for each setting."""
+
+    listen: str = "0.0.0.0:15012"
+    data_dir: Path = Path("meshca-data")
+    trust_domain: str = "cluster.local"
+    k8s_mode: str = "tokenreview"
+    k8s_issuer: str | None = None
+    k8s_jwks_file: Path | None = None
+    k8s_jwks_url: str | None = None
+    k8s_audience: tuple[str, ...] = ("meshca",)
+    k8s_api_server: str | None = None
+    k8s_ca_file: Path | None = None
+    k8s_token_file: Path | None = None
+    k8s_allow_legacy_tokens: bool = False
+    token_cache_ttl: timedelta = timedelta(seconds=60)
+    database_url: str | None = None
+    svid_ttl: timedelta = timedelta(hours=24)
+    max_svid_ttl: timedelta = timedelta(hours=24)
+    root_ttl: timedelta = timedelta(days=365)
+    intermediate_ttl: timedelta = timedelta(days=30)
+    plaintext: bool = False
+    server_name: tuple[str, ...] = ("localhost",)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.k8s_mode not in ("tokenreview", "jwks"):
+            raise ConfigError(f"k8s-mode must be 'tokenreview' or 'jwks', not {self.k8s_mode!r}")
+        if self.workers < 1:
+            raise ConfigError("workers must be at least 1")
+        if not self.k8s_audience:
+            raise ConfigError("at least one k8s-audience is required")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log-level must be one of debug, info, warning, error")
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir.resolve() / 'meshca.db'}"
+
+    def check_attestation(self) -> None:
+        """Raise ConfigError unless the chosen k8s mode has what it needs."""
+        if self.k8s_mode == "jwks":
+            if not self.k8s_issuer:
+                raise ConfigError("k8s-mode jwks needs --k8s-issuer")
+            if self.k8s_jwks_file and self.k8s_jwks_url:
+                raise ConfigError("give --k8s-jwks-file or --k8s-jwks-url, not both")
+
+
+SETTING_NAMES = tuple(f.name for f in fields(Settings))
+_TYPES = {f.name: f.type for f in fields(Settings)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    kind = str(_TYPES[name])
+    if value is None:
+        return None
+    try:
+        if "timedelta" in kind:
+            return parse_duration(value)
+        if "tuple" in kind:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            lowered = str(value).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ConfigError(f"{value!r} is not true or false")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ConfigError(f"{value!r} is not a whole number")
+            return int(value)
+        if "Path" in kind:
+            return Path(str(value)).expanduser()
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"expected text, got {type(value).__name__}")
+        return str(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{name.replace('_', '-')}: {exc}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name.replace('_', '-')}: bad value {value!r}") from None
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"config file {path} must be a mapping of setting: value")
+    values = {}
+    for key, value in document.items():
+        name = str(key).replace("-", "_")
+        if name not in SETTING_NAMES:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        values[name] = value
+    return values
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for name in SETTING_NAMES:
+        env_name = "MESHCA_" + name.upper()
+        if env_name in environ:
+            values[name] = environ[env_name]
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    base: Settings | None = None,
+) -> Settings:
+    """Merge defaults (or ``base``), config file, environment and flags into Settings.
+
+    ``flags`` maps setting names to values; None means "not given on the command line".
+    """
+    environ = os.environ if environ is None else environ
+    config_file = flags.get("config") or environ.get("MESHCA_CONFIG")
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(_from_file(Path(config_file)))
+    merged.update(_from_env(environ))
+    merged.update({k: v for k, v in flags.items() if k in SETTING_NAMES and v is not None})
+    converted = {name: _convert(name, value) for name, value in merged.items()}
+    try:
+        return replace(base or Settings(), **converted)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,60 @@
+"""The trust bundle: the roots relying parties verify against, and its changes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from meshca.core.spiffe import TrustDomain
+
+__all__ = ["BundleSnapshot", "TrustBundleService"]
+
+
+@dataclass(frozen=True, slots=True)
+class BundleSnapshot:
+    """One version of the bundle. ``sequence`` grows by one on every change."""
+
+    trust_domain: TrustDomain
+    roots: tuple[x509.Certificate, ...]
+    sequence: int
+
+    def roots_pem(self) -> list[str]:
+        return [c.public_bytes(Encoding.PEM).decode() for c in self.roots]
+
+
+class TrustBundleService:
+    """Holds the current bundle and wakes every watcher when it changes."""
+
+    def __init__(self, trust_domain: TrustDomain, roots: tuple[x509.Certificate, ...]) -> None:
+        self._snapshot = BundleSnapshot(trust_domain, roots, 1)
+        self._changed = asyncio.Event()
+
+    def current(self) -> BundleSnapshot:
+        return self._snapshot
+
+    def publish(self, roots: tuple[x509.Certificate, ...]) -> BundleSnapshot:
+        """Replace the roots; a no-op when they are the same certificates in the same order."""
+        if roots == self._snapshot.roots:
+            return self._snapshot
+        self._snapshot = BundleSnapshot(
+            self._snapshot.trust_domain, roots, self._snapshot.sequence + 1
+        )
+        # Wake current watchers, then arm a fresh event for the next change.
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return self._snapshot
+
+    async def watch(self) -> AsyncIterator[BundleSnapshot]:
+        """Yield the bundle now, then each newer version as it is published."""
+        sent = 0
+        while True:
+            snapshot = self._snapshot
+            if snapshot.sequence != sent:
+                sent = snapshot.sequence
+                yield snapshot
+                continue
+            await self._changed.wait()
