@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import hashlib
+import logging
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2
 
 from meshca.adapters.clock import SystemClock
 from meshca.adapters.grpc.server import SERVICE_NAMES, ServerTls, build_server
-from meshca.adapters.k8s.jwks import JwksAttestor, JwksKeySource
+from meshca.adapters.k8s.jwks import JwksAttestor
+from meshca.adapters.k8s.key_source import JwksKeySource
 from meshca.adapters.k8s.token_review import TokenReviewAttestor, in_cluster_defaults
 from meshca.adapters.keys.file_store import FileCaStore, new_serial
 from meshca.adapters.storage.audit_log import SqlAuditLog

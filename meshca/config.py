@@ -30,7 +30,7 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str | int | float) -> timedelta:
-    """``90``, ``"90s"``, ``"15m"``, ``"1h30m"``, ``"7d"`` -> timedelta. Bare numbers are seconds."""
+    """``90``, ``"90s"``, ``"15m"``, ``"1h30m"``, ``"7d"`` -> timedelta; bare numbers: seconds."""
     if isinstance(text, int | float) and not isinstance(text, bool):
         seconds = float(text)
     else:

@@ -33,12 +33,18 @@ def format_records(records: list[AuditRecord], fmt: str) -> str:
     """Render records as ``json`` (one object per record, full detail) or a ``table``."""
     if fmt == "json":
         return json.dumps(
-            [{k: _cell(v) if v is not None else None for k, v in asdict(r).items()} for r in records],
+            [
+                {k: _cell(v) if v is not None else None for k, v in asdict(r).items()}
+                for r in records
+            ],
             indent=2,
         )
     rows = [TABLE_COLUMNS] + [tuple(_cell(getattr(r, c)) for c in TABLE_COLUMNS) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     return "\n".join(lines)
 
 

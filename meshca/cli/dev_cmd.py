@@ -58,8 +58,10 @@ def dev_settings(args: argparse.Namespace) -> Settings:
 
 def _make_key_and_csr() -> tuple[bytes, str]:
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
     )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -68,13 +70,17 @@ def _make_key_and_csr() -> tuple[bytes, str]:
 
 
 def request_certificate(
-    *, data_dir: Path, target: str, namespace: str, service_account: str, plaintext: bool,
-    out_dir: Path | None, ttl_seconds: int = 0,
+    *,
+    data_dir: Path,
+    target: str,
+    namespace: str,
+    service_account: str,
+    plaintext: bool,
+    out_dir: Path | None,
+    ttl_seconds: int = 0,
 ) -> int:
     """Act as a proxy: token + key + CSR -> Istio CreateCertificate -> verified chain."""
-    token = _issuer(data_dir).mint(
-        namespace, service_account, DEV_AUDIENCE, now=datetime.now(UTC)
-    )
+    token = _issuer(data_dir).mint(namespace, service_account, DEV_AUDIENCE, now=datetime.now(UTC))
     key_pem, csr_pem = _make_key_and_csr()
     store = FileCaStore(data_dir)
     roots = store.load_roots()
@@ -93,10 +99,14 @@ def request_certificate(
     print(f"Issued an X.509 SVID over Istio's CreateCertificate API ({target}):")
     print(f"  SPIFFE ID   {spiffe_id.get_values_for_type(x509.UniformResourceIdentifier)[0]}")
     print(f"  serial      {leaf.serial_number:x}")
-    print(f"  valid       {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ} .. "
-          f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}")
-    print(f"  chain       {len(chain)} certificates, verified to the trust bundle "
-          f"({len(verified.chain)} in the verified path)")
+    print(
+        f"  valid       {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%SZ} .. "
+        f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}"
+    )
+    print(
+        f"  chain       {len(chain)} certificates, verified to the trust bundle "
+        f"({len(verified.chain)} in the verified path)"
+    )
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_private(out_dir / "key.pem", key_pem)
@@ -113,21 +123,30 @@ async def _serve_with_demo(settings: Settings, demo: bool) -> None:
     worker = await app.start_worker(settings)
     host = settings.listen.rpartition(":")[0]
     target = f"{host}:{worker.port}"
-    print(f"meshca dev CA serving on {target} "
-          f"({'plaintext' if settings.plaintext else 'TLS'}), data in {settings.data_dir}/",
-          flush=True)
+    print(
+        f"meshca dev CA serving on {target} "
+        f"({'plaintext' if settings.plaintext else 'TLS'}), data in {settings.data_dir}/",
+        flush=True,
+    )
     if demo:
         await asyncio.to_thread(
             request_certificate,
-            data_dir=settings.data_dir, target=target, namespace="default",
-            service_account="demo", plaintext=settings.plaintext, out_dir=None,
+            data_dir=settings.data_dir,
+            target=target,
+            namespace="default",
+            service_account="demo",
+            plaintext=settings.plaintext,
+            out_dir=None,
         )
-    print("\nTry, in another terminal:\n"
-          f"  meshca dev request --data-dir {settings.data_dir} --namespace shop "
-          "--service-account cart\n"
-          f"  meshca audit list --data-dir {settings.data_dir}\n"
-          f"  meshca ca bundle --data-dir {settings.data_dir}\n"
-          "Stop with Ctrl-C.", flush=True)
+    print(
+        "\nTry, in another terminal:\n"
+        f"  meshca dev request --data-dir {settings.data_dir} --namespace shop "
+        "--service-account cart\n"
+        f"  meshca audit list --data-dir {settings.data_dir}\n"
+        f"  meshca ca bundle --data-dir {settings.data_dir}\n"
+        "Stop with Ctrl-C.",
+        flush=True,
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -152,8 +171,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     issuer = _issuer(Path(args.data_dir))
     issuer.ensure()
-    print(issuer.mint(args.namespace, args.service_account, args.audience,
-                      ttl=timedelta(seconds=args.ttl), now=datetime.now(UTC)))
+    print(
+        issuer.mint(
+            args.namespace,
+            args.service_account,
+            args.audience,
+            ttl=timedelta(seconds=args.ttl),
+            now=datetime.now(UTC),
+        )
+    )
     return 0
 
 
@@ -163,9 +189,13 @@ def _request(args: argparse.Namespace) -> int:
         print(f"meshca: no dev CA in {data_dir}: run 'meshca dev serve' first", file=sys.stderr)
         return 1
     return request_certificate(
-        data_dir=data_dir, target=args.server, namespace=args.namespace,
-        service_account=args.service_account, plaintext=args.plaintext,
-        out_dir=Path(args.out_dir) if args.out_dir else None, ttl_seconds=args.ttl,
+        data_dir=data_dir,
+        target=args.server,
+        namespace=args.namespace,
+        service_account=args.service_account,
+        plaintext=args.plaintext,
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+        ttl_seconds=args.ttl,
     )
 
 
@@ -177,18 +207,22 @@ def _identity_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
-        "dev", help="a local CA with a built-in token issuer, for trying meshca out",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "dev",
+        help="a local CA with a built-in token issuer, for trying meshca out",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="dev_command", metavar="COMMAND", required=True)
     serve = sub.add_parser(
-        "serve", help="run meshca with a dev token issuer (127.0.0.1:15012, TLS)",
+        "serve",
+        help="run meshca with a dev token issuer (127.0.0.1:15012, TLS)",
         description="Run the real server in jwks mode against a local token issuer.",
     )
     add_setting_flags(serve, skip=("data_dir",))
     serve.add_argument("--data-dir", default=None, help=f"default ./{DEV_DATA_DIR}")
-    serve.add_argument("--demo", action="store_true",
-                       help="issue one certificate at start-up and print it")
+    serve.add_argument(
+        "--demo", action="store_true", help="issue one certificate at start-up and print it"
+    )
     serve.set_defaults(run=_serve)
 
     token = sub.add_parser("token", help="print a service-account token from the dev issuer")
@@ -198,7 +232,8 @@ def register(commands: Any) -> None:
     token.set_defaults(run=_token)
 
     request = sub.add_parser(
-        "request", help="act as a proxy: get a certificate from a running dev server",
+        "request",
+        help="act as a proxy: get a certificate from a running dev server",
     )
     _identity_flags(request)
     request.add_argument("--server", default=DEV_LISTEN, help=f"HOST:PORT (default {DEV_LISTEN})")

@@ -18,12 +18,19 @@ from cryptography.x509.oid import NameOID
 
 from meshca.core.spiffe import TrustDomain
 
-__all__ = ["Authority", "SignerKey", "build_intermediate", "build_root", "hash_for"]
+__all__ = [
+    "Authority",
+    "SignerKey",
+    "authority_key_identifier",
+    "build_intermediate",
+    "build_root",
+    "hash_for",
+]
 
 SignerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-def hash_for(key: SignerKey) -> hashes.HashAlgorithm | None:
+def hash_for(key: SignerKey) -> hashes.SHA256 | hashes.SHA384 | None:
     """The digest to sign with: SHA-384 for P-384 keys, none for Ed25519, else SHA-256."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return None
@@ -59,6 +66,22 @@ class Authority:
 
     def roots_pem(self) -> list[str]:
         return [c.public_bytes(Encoding.PEM).decode() for c in self.roots]
+
+
+def authority_key_identifier(
+    issuer: x509.Certificate, issuer_key: SignerKey
+) -> x509.AuthorityKeyIdentifier:
+    """The AKI for certificates ``issuer`` signs: a copy of the issuer's own SKI.
+
+    RFC 5280 lets a CA derive its SKI by any method, and path builders (OpenSSL,
+    BoringSSL) skip an issuer whose SKI differs from the child's AKI; recomputing the
+    key ID from the public key only matches issuers that used RFC 5280 method 1.
+    """
+    try:
+        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _ca_extensions(
@@ -144,9 +167,7 @@ def build_intermediate(
         .serial_number(serial)
         .not_valid_before(max(now, issuer.not_valid_before_utc))
         .not_valid_after(not_after)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
-        )
+        .add_extension(authority_key_identifier(issuer, issuer_key), False)
     )
     builder = _ca_extensions(builder, subject_public_key, trust_domain, 0)
     return builder.sign(issuer_key, hash_for(issuer_key))

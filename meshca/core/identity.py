@@ -14,7 +14,11 @@ __all__ = ["KubernetesIdentity", "spiffe_id_for"]
 # Namespaces are DNS-1123 labels and service accounts DNS-1123 subdomains; both are a
 # subset of what a SPIFFE path segment allows, so a valid pair always maps cleanly.
 _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# A subdomain is dot-separated labels (no empty label, none starting or ending in '-'),
+# at most 253 characters in all; the lookahead holds the length.
+_SUBDOMAIN_RE = re.compile(
+    r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshca.core.authority import Authority, hash_for
+from meshca.core.authority import Authority, authority_key_identifier, hash_for
 from meshca.core.csr import CsrRequest
 from meshca.core.errors import AuthorityNotReady, NotAuthorized
 from meshca.core.spiffe import SpiffeId
@@ -54,11 +54,16 @@ def leaf_lifetime(
     now: datetime, requested: timedelta | None, policy: IssuancePolicy, issuer: Authority
 ) -> tuple[datetime, datetime]:
     """``(not_before, not_after)`` for a leaf issued at ``now``."""
+    if now < issuer.not_before:
+        # A leaf from an issuer that is not valid yet would not verify, and its window
+        # [issuer.not_before, now + ttl] could even be empty.
+        raise AuthorityNotReady("the issuing CA is not valid yet")
+    # The minimum applies to the issuer's remaining life; a short requested TTL is honoured.
+    if issuer.not_after - now < MIN_LEAF_LIFETIME:
+        raise AuthorityNotReady("the issuing CA expires too soon to sign a usable certificate")
     ttl = requested if requested is not None and requested > timedelta(0) else policy.default_ttl
     ttl = min(ttl, policy.max_ttl)
     not_after = min(now + ttl, issuer.not_after)
-    if not_after - now < MIN_LEAF_LIFETIME:
-        raise AuthorityNotReady("the issuing CA expires too soon to sign a usable certificate")
     not_before = max(now - CLOCK_SKEW_BACKDATE, issuer.not_before)
     return not_before, not_after
 
@@ -110,7 +115,7 @@ def issue_leaf(
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key), False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.signer.public_key()),
+            authority_key_identifier(issuer.certificate, issuer.signer),
             False,
         )
         .add_extension(

@@ -205,7 +205,7 @@ class _RefusalContext:
         self.spiffe_id: SpiffeId | None = None
 
 
-def _identity_fields(identity: KubernetesIdentity | None) -> dict[str, str | None]:
+def _identity_fields(identity: KubernetesIdentity | None) -> dict[str, Any]:
     if identity is None:
         return {}
     return {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -22,7 +22,7 @@ __all__ = ["API_ISTIO", "API_MESHCA", "CertificateServicer", "IstioCertificateSe
 API_MESHCA = "meshca.v1.Sign"
 API_ISTIO = "istio.v1.auth.CreateCertificate"
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
 
 def _ttl(seconds: int) -> timedelta | None:
@@ -47,7 +47,7 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
         self._ca = ca
         self._bundle = bundle
 
-    async def Sign(self, request: ca_pb2.SignRequest, context: Context) -> ca_pb2.SignResponse:  # noqa: N802
+    async def Sign(self, request: ca_pb2.SignRequest, context: Context) -> ca_pb2.SignResponse:
         signed = await self._ca.sign(
             SignRequest(
                 token=bearer_token(context),
@@ -68,12 +68,12 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
             serial=serial_hex(signed.leaf.serial_number),
         )
 
-    async def GetTrustBundle(  # noqa: N802
+    async def GetTrustBundle(
         self, request: ca_pb2.GetTrustBundleRequest, context: Context
     ) -> ca_pb2.TrustBundle:
         return _bundle_message(self._bundle.current())
 
-    async def WatchTrustBundle(  # noqa: N802
+    async def WatchTrustBundle(
         self, request: ca_pb2.WatchTrustBundleRequest, context: Context
     ) -> AsyncIterator[ca_pb2.TrustBundle]:
         async for snapshot in self._bundle.watch():
@@ -86,7 +86,7 @@ class IstioCertificateServicer(istio_grpc.IstioCertificateServiceServicer):
     def __init__(self, ca: CertificateService) -> None:
         self._ca = ca
 
-    async def CreateCertificate(  # noqa: N802
+    async def CreateCertificate(
         self, request: istio_pb2.IstioCertificateRequest, context: Context
     ) -> istio_pb2.IstioCertificateResponse:
         # The Struct metadata (ImpersonatedIdentity, CertSigner) never changes who the

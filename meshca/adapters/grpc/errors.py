@@ -58,7 +58,9 @@ def _wrap_unary(
 def _wrap_stream(
     behavior: Callable[[Any, Any], AsyncIterator[Any]],
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def wrapped(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
         try:
             async for item in behavior(request, context):
                 yield item

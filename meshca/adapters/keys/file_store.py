@@ -123,9 +123,9 @@ class FileCaStore:
         key = self._load_key(self._intermediate_key_path)
         if cert.public_key() != key.public_key():
             return True  # a crash between writing the new key and its certificate
-        half_life = cert.not_valid_before_utc + (
-            cert.not_valid_after_utc - cert.not_valid_before_utc
-        ) / 2
+        half_life = (
+            cert.not_valid_before_utc + (cert.not_valid_after_utc - cert.not_valid_before_utc) / 2
+        )
         return now >= half_life
 
     def _create_root(self, trust_domain: TrustDomain, now: datetime, ttl: timedelta) -> None:

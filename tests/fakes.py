@@ -1,0 +1,66 @@
+"""Fakes for the core's ports, each with hooks to inject faults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from meshca.core.audit import AuditRecord
+from meshca.core.errors import AuthenticationFailed, BackendUnavailable
+from meshca.core.identity import KubernetesIdentity
+
+
+@dataclass
+class FakeClock:
+    current: datetime = field(default_factory=lambda: datetime(2026, 1, 1, tzinfo=UTC))
+
+    def now(self) -> datetime:
+        return self.current
+
+    def advance(self, delta: timedelta) -> None:
+        self.current += delta
+
+
+@dataclass
+class FakeAttestor:
+    """Maps tokens to identities; any other token is refused."""
+
+    identities: dict[str, KubernetesIdentity] = field(default_factory=dict)
+    down: bool = False
+    calls: int = 0
+
+    async def attest(self, token: str) -> KubernetesIdentity:
+        self.calls += 1
+        if self.down:
+            raise BackendUnavailable("token reviewer is down")
+        try:
+            return self.identities[token]
+        except KeyError:
+            raise AuthenticationFailed("token is not valid", reason="token-invalid") from None
+
+
+@dataclass
+class MemoryAuditLog:
+    """Keeps records in a list. ``fail`` makes every append raise BackendUnavailable."""
+
+    records: list[AuditRecord] = field(default_factory=list)
+    fail: bool = False
+
+    async def append(self, record: AuditRecord) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise BackendUnavailable("issuance record storage is down")
+        self.records.append(record)
+
+    async def list(
+        self, *, limit: int = 50, spiffe_id: str | None = None, serial: str | None = None
+    ) -> Sequence[AuditRecord]:
+        found = [
+            r
+            for r in reversed(self.records)
+            if (spiffe_id is None or r.spiffe_id == spiffe_id)
+            and (serial is None or r.serial == serial)
+        ]
+        return found[:limit]

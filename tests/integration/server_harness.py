@@ -1,0 +1,112 @@
+"""Start the real meshca server in-process (TLS, jwks mode) and talk to it as a proxy."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from meshca import app
+from meshca.adapters.keys.file_store import FileCaStore
+from meshca.config import Settings
+
+ISSUER = "https://kubernetes.test.local"
+AUDIENCE = "meshca"
+TRUST_DOMAIN = "example.org"
+
+
+@dataclass
+class TokenMinter:
+    """A cluster's service-account token signer with a real EC key."""
+
+    key: ec.EllipticCurvePrivateKey
+    kid: str
+
+    @classmethod
+    def create(cls, directory: Path) -> tuple[TokenMinter, Path]:
+        minter = cls(ec.generate_private_key(ec.SECP256R1()), "test-key-1")
+        jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(minter.key.public_key()))
+        jwk.update(kid=minter.kid, use="sig", alg="ES256")
+        path = directory / "jwks.json"
+        path.write_text(json.dumps({"keys": [jwk]}))
+        return minter, path
+
+    def mint(
+        self, namespace: str = "default", service_account: str = "web", **overrides: Any
+    ) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": ISSUER,
+            "aud": [AUDIENCE],
+            "sub": f"system:serviceaccount:{namespace}:{service_account}",
+            "iat": now,
+            "nbf": now,
+            "exp": now + 600,
+            "kubernetes.io": {
+                "namespace": namespace,
+                "serviceaccount": {"name": service_account, "uid": str(uuid.uuid4())},
+                "pod": {"name": f"{service_account}-pod", "uid": str(uuid.uuid4())},
+                "node": {"name": "node-1", "uid": str(uuid.uuid4())},
+            },
+        }
+        claims.update(overrides)
+        return jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": self.kid})
+
+
+@dataclass
+class RunningServer:
+    settings: Settings
+    worker: app.Worker
+    minter: TokenMinter
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.worker.port}"
+
+    @property
+    def roots_pem(self) -> bytes:
+        roots = FileCaStore(self.settings.data_dir).load_roots()
+        return b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            self.target,
+            grpc.ssl_channel_credentials(self.roots_pem),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+
+
+def server_settings(data_dir: Path, jwks_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
+        listen="127.0.0.1:0",
+        data_dir=data_dir,
+        trust_domain=TRUST_DOMAIN,
+        k8s_mode="jwks",
+        k8s_issuer=ISSUER,
+        k8s_jwks_file=jwks_path,
+        k8s_audience=(AUDIENCE,),
+        workers=1,
+        log_level="warning",
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def running_server(tmp_path: Path, **overrides: Any) -> AsyncIterator[RunningServer]:
+    minter, jwks_path = TokenMinter.create(tmp_path)
+    settings = server_settings(tmp_path / "data", jwks_path, **overrides)
+    app.prepare(settings)
+    worker = await app.start_worker(settings)
+    try:
+        yield RunningServer(settings, worker, minter)
+    finally:
+        await worker.stop(grace=1)

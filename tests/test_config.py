@@ -1,0 +1,103 @@
+"""Settings from defaults, YAML, MESHCA_* and flags, in that rising order."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from meshca.cli import build_parser
+from meshca.cli.serve_cmd import settings_from
+from meshca.config import ConfigError, Settings, load_settings, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("90", timedelta(seconds=90)),
+        ("90s", timedelta(seconds=90)),
+        ("15m", timedelta(minutes=15)),
+        ("1h30m", timedelta(minutes=90)),
+        ("7d", timedelta(days=7)),
+        (3600, timedelta(hours=1)),
+    ],
+)
+def test_durations(text: str | int, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "h", "1x", "-5s", "0", "1h 30m", "10s5"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(text)
+
+
+def test_precedence_file_env_flag(tmp_path: Path) -> None:
+    config = tmp_path / "meshca.yaml"
+    config.write_text(
+        "trust-domain: from-file.org\nsvid_ttl: 2h\nworkers: 3\nk8s-audience: [a, b]\n"
+    )
+    settings = load_settings(
+        {"config": str(config), "workers": "5"},
+        environ={"MESHCA_TRUST_DOMAIN": "from-env.org", "MESHCA_PLAINTEXT": "true"},
+    )
+    assert settings.trust_domain == "from-env.org"
+    assert settings.svid_ttl == timedelta(hours=2)
+    assert settings.workers == 5
+    assert settings.plaintext is True
+    assert settings.k8s_audience == ("a", "b")
+
+
+def test_every_setting_has_a_flag() -> None:
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--listen",
+            "127.0.0.1:9",
+            "--k8s-audience",
+            "x",
+            "--k8s-audience",
+            "y",
+            "--plaintext",
+            "--max-svid-ttl",
+            "1h",
+            "--data-dir",
+            "/tmp/d",
+        ]
+    )
+    settings = settings_from(args)
+    assert settings.listen == "127.0.0.1:9"
+    assert settings.k8s_audience == ("x", "y")
+    assert settings.plaintext is True
+    assert settings.max_svid_ttl == timedelta(hours=1)
+    assert settings.data_dir == Path("/tmp/d")
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ("colour: blue\n", "unknown setting 'colour'"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("workers: many\n", "workers"),
+        ("svid-ttl: forever\n", "svid-ttl"),
+        ("k8s-mode: magic\n", "k8s-mode"),
+        ("plaintext: maybe\n", "plaintext"),
+        ("key: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_files_name_the_problem(tmp_path: Path, document: str, message: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(document)
+    with pytest.raises(ConfigError, match=message):
+        load_settings({"config": str(config)}, environ={})
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings({"config": str(tmp_path / "nope.yaml")}, environ={})
+
+
+def test_jwks_mode_needs_an_issuer() -> None:
+    with pytest.raises(ConfigError, match="k8s-issuer"):
+        Settings(k8s_mode="jwks").check_attestation()
