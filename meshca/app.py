@@ -78,7 +78,9 @@ def prepare(settings: Settings) -> None:
     """Everything that must happen once, before any worker starts: CA files, schema."""
     settings.check_attestation()
     TrustDomain.parse(settings.trust_domain)
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # CA keys and the issuance record live here: only meshca's user may look inside.
+    settings.data_dir.chmod(0o700)
     load_authority(settings, SystemClock())
     engine = make_engine(settings.effective_database_url)
     try:

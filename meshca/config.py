@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from meshca.core.errors import InvalidSpiffeId
+from meshca.core.spiffe import TrustDomain
+
 __all__ = ["ConfigError", "Settings", "load_settings", "parse_duration"]
 
 
@@ -85,6 +88,10 @@ class Settings:
             raise ConfigError("workers must be at least 1")
         if not self.k8s_audience:
             raise ConfigError("at least one k8s-audience is required")
+        try:
+            TrustDomain.parse(self.trust_domain)
+        except InvalidSpiffeId as exc:
+            raise ConfigError(f"trust-domain: {exc}") from None
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log-level must be one of debug, info, warning, error")
 
