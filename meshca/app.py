@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2
+from sqlalchemy import Engine
 
 from meshca.adapters.clock import SystemClock
 from meshca.adapters.grpc.server import SERVICE_NAMES, ServerTls, build_server
@@ -139,12 +140,14 @@ class Worker:
     server: grpc.aio.Server
     port: int
     audit: SqlAuditLog
+    engine: Engine
     executor: ThreadPoolExecutor
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.server.stop(grace)
         self.executor.shutdown(wait=True)
-        await asyncio.to_thread(self.audit.close)
+        await self.audit.aclose()
+        self.engine.dispose()
 
 
 async def _serving_tls(
@@ -198,7 +201,8 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
     authority = load_authority(settings, clock)
-    audit = SqlAuditLog(make_engine(settings.effective_database_url))
+    engine = make_engine(settings.effective_database_url)
+    audit = SqlAuditLog(engine)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshca-sign")
     loop = asyncio.get_running_loop()
 
@@ -226,7 +230,7 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Worker(server=server, port=port, audit=audit, executor=executor)
+    return Worker(server=server, port=port, audit=audit, engine=engine, executor=executor)
 
 
 async def run_worker(settings: Settings, listen: str | None = None) -> None:

@@ -56,13 +56,15 @@ def _list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         print("meshca: --limit must be at least 1", file=sys.stderr)
         return 2
-    log = SqlAuditLog(make_engine(url))
+    engine = make_engine(url)
+    log = SqlAuditLog(engine)
     try:
         records = asyncio.run(
             log.list(limit=args.limit, spiffe_id=args.spiffe_id, serial=args.serial)
         )
     finally:
         log.close()
+        engine.dispose()
     print(format_records(list(records), args.format))
     return 0
 

@@ -1,7 +1,9 @@
 """Certificate signing requests: parse, verify, and extract what the caller asks for.
 
 ``parse_csr`` accepts PEM or DER and either returns a ``CsrRequest`` or raises one of
-``MalformedCsr``, ``WeakKey`` or ``RequestTooLarge``: random bytes can raise nothing else.
+``MalformedCsr``, ``WeakKey``, ``RequestTooLarge`` or, for a well-formed CSR that asks for
+CA powers, ``InvalidRequest`` (reason ``csr-requests-ca``): random bytes can raise nothing
+else.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -19,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pkilint import loader
 from pkilint.pkix import certificate, extension, name
-from pkilint.validation import ValidationFindingSeverity
+from pkilint.validation import ValidationFindingSeverity, ValidatorContainer
 
 from meshca.core.authority import Authority, SignerKey, build_intermediate, build_root
 from meshca.core.spiffe import SpiffeId, TrustDomain
@@ -40,8 +41,11 @@ __all__ = [
     "custom_leaf",
     "flip_byte",
     "key_usage",
+    "leaf_extensions",
     "lint_findings",
     "private_key",
+    "replace_once",
+    "signer_key",
     "tamper_body",
     "tamper_signature",
 ]
@@ -157,18 +161,24 @@ def build_csr(
     return builder.sign(key, _hash_for(key))
 
 
-def csr_der(key: PrivateKey | None = None, **options: object) -> bytes:
-    return build_csr(key, **options).public_bytes(Encoding.DER)  # type: ignore[arg-type]
+def csr_der(key: PrivateKey | None = None, **options: Any) -> bytes:
+    return build_csr(key, **options).public_bytes(Encoding.DER)
 
 
-def csr_pem(key: PrivateKey | None = None, **options: object) -> bytes:
-    return build_csr(key, **options).public_bytes(Encoding.PEM)  # type: ignore[arg-type]
+def csr_pem(key: PrivateKey | None = None, **options: Any) -> bytes:
+    return build_csr(key, **options).public_bytes(Encoding.PEM)
 
 
 def flip_byte(data: bytes, index: int, mask: int = 0x01) -> bytes:
     out = bytearray(data)
     out[index] ^= mask
     return bytes(out)
+
+
+def replace_once(data: bytes, old: bytes, new: bytes) -> bytes:
+    """Swap one occurrence of ``old`` for ``new``; the test is wrong if it is not unique."""
+    assert data.count(old) == 1, f"{old.hex()} occurs {data.count(old)} times"
+    return data.replace(old, new)
 
 
 def tamper_signature(der: bytes) -> bytes:
@@ -252,7 +262,7 @@ def custom_leaf(
         x509.CertificateBuilder()
         .subject_name(subject if subject is not None else x509.Name([]))
         .issuer_name(issuer_name if issuer_name is not None else issuer.certificate.subject)
-        .public_key(private_key("ec-p256").public_key())  # type: ignore[arg-type]
+        .public_key(signer_key("ec-p256", 0).public_key())
         .serial_number(serial)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -263,7 +273,7 @@ def custom_leaf(
 
 
 @functools.cache
-def _pkix_validator() -> certificate.PkixCertificateValidatorContainer:  # type: ignore[name-defined]
+def _pkix_validator() -> ValidatorContainer:
     """pkilint's RFC 5280 certificate validator, built as its ``lint_pkix_cert`` CLI does."""
     return certificate.create_pkix_certificate_validator_container(
         certificate.create_decoding_validators(

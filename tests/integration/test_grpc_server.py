@@ -73,11 +73,13 @@ async def _create(
 
 
 async def _records(server: RunningServer) -> list[AuditRecord]:
-    log = SqlAuditLog(make_engine(server.settings.effective_database_url))
+    engine = make_engine(server.settings.effective_database_url)
+    log = SqlAuditLog(engine)
     try:
         return list(await log.list(limit=1000))
     finally:
-        log.close()
+        await log.aclose()
+        engine.dispose()
 
 
 def _bundle_from_cli(data_dir: Path) -> list[x509.Certificate]:

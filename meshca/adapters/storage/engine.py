@@ -121,6 +121,4 @@ def _postgres_engine(url: URL, connect_timeout: float) -> Engine:
             pool_pre_ping=True,
         )
     except ModuleNotFoundError as error:
-        raise BackendUnavailable(
-            "PostgreSQL needs psycopg 3: install meshca[postgres]"
-        ) from error
+        raise BackendUnavailable("PostgreSQL needs psycopg 3: install meshca[postgres]") from error
