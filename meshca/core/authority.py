@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -52,14 +53,26 @@ class Authority:
     chain: tuple[x509.Certificate, ...]
     roots: tuple[x509.Certificate, ...]
 
-    @property
+    # Derived once per authority, not once per certificate: issuance is the hot path.
+    # (cached_property writes the instance dict directly, which a frozen dataclass allows.)
+
+    @cached_property
     def not_before(self) -> datetime:
         return self.certificate.not_valid_before_utc
 
-    @property
+    @cached_property
     def not_after(self) -> datetime:
         """The end of the issuer's usable life: the earliest expiry on its chain."""
         return min(c.not_valid_after_utc for c in (self.certificate, *self.chain))
+
+    @cached_property
+    def key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The AKI of every certificate this authority signs."""
+        return authority_key_identifier(self.certificate, self.signer)
+
+    @cached_property
+    def signature_hash(self) -> hashes.SHA256 | hashes.SHA384 | None:
+        return hash_for(self.signer)
 
     def chain_pem(self) -> list[str]:
         return [c.public_bytes(Encoding.PEM).decode() for c in (self.certificate, *self.chain)]

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshca.core.authority import Authority, authority_key_identifier, hash_for
+from meshca.core.authority import Authority
 from meshca.core.csr import CsrRequest
 from meshca.core.errors import AuthorityNotReady, NotAuthorized
 from meshca.core.spiffe import SpiffeId
@@ -68,6 +68,30 @@ def leaf_lifetime(
     return not_before, not_after
 
 
+def _leaf_usage(key_encipherment: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=key_encipherment,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+# Every leaf carries these same values; built once rather than per certificate.
+_EMPTY_NAME = x509.Name([])
+_LEAF_CONSTRAINTS = x509.BasicConstraints(ca=False, path_length=None)
+_LEAF_USAGE = _leaf_usage(key_encipherment=False)
+_RSA_LEAF_USAGE = _leaf_usage(key_encipherment=True)
+_LEAF_EKU = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+
+
 def issue_leaf(
     csr: CsrRequest,
     spiffe_id: SpiffeId,
@@ -86,38 +110,17 @@ def issue_leaf(
     is_rsa = isinstance(csr.public_key, rsa.RSAPublicKey)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
+        .subject_name(_EMPTY_NAME)
         .issuer_name(issuer.certificate.subject)
         .public_key(csr.public_key)
         .serial_number(serial)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            False,
-        )
+        .add_extension(_LEAF_CONSTRAINTS, True)
+        .add_extension(_RSA_LEAF_USAGE if is_rsa else _LEAF_USAGE, True)
+        .add_extension(_LEAF_EKU, False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key), False)
-        .add_extension(
-            authority_key_identifier(issuer.certificate, issuer.signer),
-            False,
-        )
+        .add_extension(issuer.key_identifier, False)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(str(spiffe_id)), *extra_names]
@@ -125,4 +128,4 @@ def issue_leaf(
             True,
         )
     )
-    return builder.sign(issuer.signer, hash_for(issuer.signer))
+    return builder.sign(issuer.signer, issuer.signature_hash)

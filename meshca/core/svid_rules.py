@@ -27,17 +27,15 @@ def check_leaf_svid(cert: x509.Certificate, spiffe_id: SpiffeId, issuer: Authori
         )
 
 
-def _ext(
-    cert: x509.Certificate, oid: x509.ObjectIdentifier
-) -> x509.Extension[x509.ExtensionType] | None:
-    try:
-        return cert.extensions.get_extension_for_oid(oid)
-    except x509.ExtensionNotFound:
-        return None
+_REQUIRED_EKUS = frozenset({ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH})
 
 
-def _leaf_problems(cert: x509.Certificate, spiffe_id: SpiffeId, issuer: Authority):  # type: ignore[no-untyped-def]
-    bc = _ext(cert, ExtensionOID.BASIC_CONSTRAINTS)
+def _leaf_problems(  # type: ignore[no-untyped-def]
+    cert: x509.Certificate, spiffe_id: SpiffeId, issuer: Authority
+):
+    # One pass over the extensions: this runs on every certificate we issue.
+    found = {ext.oid: ext for ext in cert.extensions}
+    bc = found.get(ExtensionOID.BASIC_CONSTRAINTS)
     if (
         bc is None
         or not bc.critical
@@ -45,23 +43,19 @@ def _leaf_problems(cert: x509.Certificate, spiffe_id: SpiffeId, issuer: Authorit
         or bc.value.ca
     ):
         yield "basicConstraints must be present, critical and CA:false"
-    ku = _ext(cert, ExtensionOID.KEY_USAGE)
+    ku = found.get(ExtensionOID.KEY_USAGE)
     if ku is None or not ku.critical or not isinstance(ku.value, x509.KeyUsage):
         yield "keyUsage must be present and critical"
     elif not ku.value.digital_signature or ku.value.key_cert_sign or ku.value.crl_sign:
         yield "keyUsage must have digitalSignature and neither keyCertSign nor cRLSign"
-    eku = _ext(cert, ExtensionOID.EXTENDED_KEY_USAGE)
+    eku = found.get(ExtensionOID.EXTENDED_KEY_USAGE)
     if (
         eku is None
         or not isinstance(eku.value, x509.ExtendedKeyUsage)
-        or not {
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            ExtendedKeyUsageOID.CLIENT_AUTH,
-        }
-        <= set(eku.value)
+        or not _REQUIRED_EKUS <= set(eku.value)
     ):
         yield "extendedKeyUsage must have serverAuth and clientAuth"
-    san = _ext(cert, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    san = found.get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
     uris = (
         san.value.get_values_for_type(x509.UniformResourceIdentifier)
         if san is not None and isinstance(san.value, x509.SubjectAlternativeName)

@@ -254,3 +254,20 @@ async def test_reflection_lists_every_service(server: RunningServer) -> None:
         "istio.v1.auth.IstioCertificateService",
         "grpc.health.v1.Health",
     } <= names
+
+
+async def test_records_go_to_postgresql_when_asked(
+    tmp_path: Path, postgres_database_url: str
+) -> None:
+    async for server in running_server(tmp_path, database_url=postgres_database_url):
+        _, csr = _key_and_csr()
+        chain = await _create(server, _pem(csr), server.minter.mint())
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _create(server, _pem(csr), "forged")
+        records = await _records(server)
+    leaf = x509.load_pem_x509_certificate(chain[0].encode())
+    assert server.settings.effective_database_url == postgres_database_url
+    by_outcome = {(r.outcome, r.api) for r in records}
+    assert ("issued", "istio.v1.auth.CreateCertificate") in by_outcome
+    assert ("refused", "istio.v1.auth.CreateCertificate") in by_outcome
+    assert f"{leaf.serial_number:x}" in {r.serial for r in records}
