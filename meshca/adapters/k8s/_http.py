@@ -76,6 +76,8 @@ class HttpClient:
             with self._opener.open(request, timeout=self._timeout) as response:
                 return HttpResponse(response.status, _read_limited(response, max_bytes, what))
         except urllib.error.HTTPError as error:
+            if error.fp is None:
+                return HttpResponse(error.code, b"")
             with error:
                 return HttpResponse(error.code, _read_limited(error, max_bytes, what))
         except urllib.error.URLError as error:

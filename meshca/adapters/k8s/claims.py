@@ -29,6 +29,7 @@ __all__ = [
     "MAX_TOKEN_CHARS",
     "SERVICE_ACCOUNT_USER_PREFIX",
     "decode_unverified",
+    "expiry",
     "identity_from_claims",
     "is_legacy_token",
     "numeric_date",
@@ -125,7 +126,8 @@ def numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
     )
 
 
-def _expiry(claims: Mapping[str, Any]) -> datetime | None:
+def expiry(claims: Mapping[str, Any]) -> datetime | None:
+    """The ``exp`` claim as an aware datetime; None if absent."""
     exp = numeric_date(claims, "exp")
     if exp is None:
         return None
@@ -199,7 +201,7 @@ def _projected_identity(claims: Mapping[str, Any], k8s: Mapping[str, Any]) -> Ku
     return KubernetesIdentity(
         namespace=namespace,
         service_account=name,
-        expires_at=_expiry(claims),
+        expires_at=expiry(claims),
         # A pod or node claim, when present, names its object completely.
         pod_name=_required(pod, "name", "kubernetes.io.pod.name") if pod is not None else None,
         pod_uid=_required(pod, "uid", "kubernetes.io.pod.uid") if pod is not None else None,
@@ -215,7 +217,7 @@ def _legacy_identity(claims: Mapping[str, Any]) -> KubernetesIdentity:
     return KubernetesIdentity(
         namespace=namespace,
         service_account=name,
-        expires_at=_expiry(claims),
+        expires_at=expiry(claims),
         service_account_uid=_optional(claims, _LEGACY_SA_UID, _LEGACY_SA_UID),
     )
 
