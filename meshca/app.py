@@ -32,7 +32,7 @@ from meshca.adapters.clock import SystemClock
 from meshca.adapters.grpc.server import SERVICE_NAMES, ServerTls, build_server
 from meshca.adapters.k8s.jwks import JwksAttestor
 from meshca.adapters.k8s.key_source import JwksKeySource
-from meshca.adapters.k8s.token_review import TokenReviewAttestor, in_cluster_defaults
+from meshca.adapters.k8s.token_review import TokenReviewAttestor
 from meshca.adapters.keys.file_store import FileCaStore, new_serial
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.engine import make_engine
@@ -97,12 +97,17 @@ def build_attestor(settings: Settings, clock: Clock) -> Attestor:
         case "jwks":
             assert settings.k8s_issuer is not None
             ca_file = str(settings.k8s_ca_file) if settings.k8s_ca_file else None
+            refresh = settings.k8s_jwks_min_refresh
             if settings.k8s_jwks_file:
-                keys = JwksKeySource.from_file(settings.k8s_jwks_file)
+                keys = JwksKeySource.from_file(settings.k8s_jwks_file, min_refresh_interval=refresh)
             elif settings.k8s_jwks_url:
-                keys = JwksKeySource.from_url(settings.k8s_jwks_url, ca_file=ca_file)
+                keys = JwksKeySource.from_url(
+                    settings.k8s_jwks_url, ca_file=ca_file, min_refresh_interval=refresh
+                )
             else:
-                keys = JwksKeySource.from_discovery(settings.k8s_issuer, ca_file=ca_file)
+                keys = JwksKeySource.from_discovery(
+                    settings.k8s_issuer, ca_file=ca_file, min_refresh_interval=refresh
+                )
             inner = JwksAttestor(
                 issuer=settings.k8s_issuer,
                 audiences=audiences,
@@ -111,20 +116,12 @@ def build_attestor(settings: Settings, clock: Clock) -> Attestor:
                 allow_legacy_tokens=settings.k8s_allow_legacy_tokens,
             )
         case "tokenreview":
-            default_server, default_ca, default_token = in_cluster_defaults()
-            api_server = settings.k8s_api_server or default_server
-            if not api_server:
-                raise ConfigError(
-                    "k8s-mode tokenreview needs --k8s-api-server outside a cluster "
-                    "(KUBERNETES_SERVICE_HOST is not set)"
-                )
-            ca_path = settings.k8s_ca_file or default_ca
-            token_path = settings.k8s_token_file or default_token
+            assert settings.k8s_api_server is not None
             inner = TokenReviewAttestor(
-                api_server=api_server,
+                api_server=settings.k8s_api_server,
                 audiences=audiences,
-                ca_file=str(ca_path) if ca_path else None,
-                token_file=str(token_path) if token_path else None,
+                ca_file=str(settings.k8s_ca_file) if settings.k8s_ca_file else None,
+                token_file=str(settings.k8s_token_file) if settings.k8s_token_file else None,
                 clock=clock,
                 allow_legacy_tokens=settings.k8s_allow_legacy_tokens,
             )

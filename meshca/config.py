@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from meshca.adapters.k8s.token_review import in_cluster_defaults
+
 from meshca.core.errors import InvalidSpiffeId
 from meshca.core.spiffe import TrustDomain
 
@@ -70,6 +72,7 @@ class Settings:
     k8s_ca_file: Path | None = None
     k8s_token_file: Path | None = None
     k8s_allow_legacy_tokens: bool = False
+    k8s_jwks_min_refresh: timedelta = timedelta(seconds=30)
     token_cache_ttl: timedelta = timedelta(seconds=60)
     database_url: str | None = None
     svid_ttl: timedelta = timedelta(hours=24)
@@ -106,6 +109,11 @@ class Settings:
                 raise ConfigError("k8s-mode jwks needs --k8s-issuer")
             if self.k8s_jwks_file and self.k8s_jwks_url:
                 raise ConfigError("give --k8s-jwks-file or --k8s-jwks-url, not both")
+        elif not self.k8s_api_server:
+            raise ConfigError(
+                "k8s-mode tokenreview needs --k8s-api-server outside a cluster "
+                "(KUBERNETES_SERVICE_HOST is not set); or use --k8s-mode jwks"
+            )
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings))
@@ -193,6 +201,24 @@ def load_settings(
     merged.update({k: v for k, v in flags.items() if k in SETTING_NAMES and v is not None})
     converted = {name: _convert(name, value) for name, value in merged.items()}
     try:
-        return replace(base or Settings(), **converted)
+        settings = replace(base or Settings(), **converted)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+    return _with_in_cluster_defaults(settings, environ)
+
+
+def _with_in_cluster_defaults(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """In a pod, TokenReview needs no flags: fill in the API server and our credentials."""
+    if settings.k8s_mode != "tokenreview":
+        return settings
+    defaults = in_cluster_defaults(environ)
+    return replace(
+        settings,
+        k8s_api_server=settings.k8s_api_server or defaults.api_server,
+        k8s_ca_file=settings.k8s_ca_file or _path(defaults.ca_file),
+        k8s_token_file=settings.k8s_token_file or _path(defaults.token_file),
+    )
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

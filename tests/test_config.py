@@ -101,3 +101,17 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_jwks_mode_needs_an_issuer() -> None:
     with pytest.raises(ConfigError, match="k8s-issuer"):
         Settings(k8s_mode="jwks").check_attestation()
+
+
+def test_tokenreview_takes_in_cluster_defaults_from_the_environment() -> None:
+    settings = load_settings(
+        {}, environ={"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "6443"}
+    )
+    assert settings.k8s_api_server == "https://10.0.0.1:6443"
+    assert settings.k8s_token_file == Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    settings.check_attestation()
+
+
+def test_tokenreview_outside_a_cluster_needs_an_api_server() -> None:
+    with pytest.raises(ConfigError, match="k8s-api-server"):
+        load_settings({}, environ={}).check_attestation()

@@ -23,6 +23,7 @@ HELP = {
     "k8s_ca_file": "CA bundle for the API server or JWKS URL (default in-cluster CA)",
     "k8s_token_file": "meshca's own token for TokenReview (default in-cluster token)",
     "k8s_allow_legacy_tokens": "accept legacy non-expiring secret tokens (not recommended)",
+    "k8s_jwks_min_refresh": "least time between JWKS refetches for unknown key ids (default 30s)",
     "token_cache_ttl": "how long a reviewed token is trusted without asking again (default 60s)",
     "database_url": "SQLAlchemy URL of the issuance record (default SQLite in --data-dir)",
     "svid_ttl": "lifetime of a certificate when the caller asks for none (default 24h)",
