@@ -19,7 +19,6 @@ from typing import Any
 import yaml
 
 from meshca.adapters.k8s.token_review import in_cluster_defaults
-
 from meshca.core.errors import InvalidSpiffeId
 from meshca.core.spiffe import TrustDomain
 

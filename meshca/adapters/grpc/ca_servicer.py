@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, TypeAlias
 
-import grpc
 from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -38,6 +38,12 @@ def _bundle_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _ca_pem(cert: Any) -> str:
+    """The PEM of a CA certificate: the same few on every response, so encoded once."""
+    return _pem(cert)
+
+
 def _pem(cert: Any) -> str:
     return str(cert.public_bytes(Encoding.PEM).decode())
 
@@ -61,8 +67,8 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
         expires.FromDatetime(signed.not_after)
         return ca_pb2.SignResponse(
             certificate=signed.leaf_pem(),
-            intermediates=[_pem(c) for c in signed.intermediates],
-            bundle=[_pem(c) for c in signed.roots],
+            intermediates=[_ca_pem(c) for c in signed.intermediates],
+            bundle=[_ca_pem(c) for c in signed.roots],
             expires_at=expires,
             spiffe_id=str(signed.spiffe_id),
             serial=serial_hex(signed.leaf.serial_number),
@@ -107,4 +113,4 @@ def istio_chain(signed: SignedCertificate) -> list[str]:
     """Leaf, intermediates, then the root that anchors them, each PEM ending in a newline."""
     top = signed.intermediates[-1] if signed.intermediates else signed.leaf
     anchor = [r for r in signed.roots if r.subject == top.issuer] or list(signed.roots[:1])
-    return [_pem(c) for c in (signed.leaf, *signed.intermediates, *anchor[:1])]
+    return [signed.leaf_pem()] + [_ca_pem(c) for c in (*signed.intermediates, *anchor[:1])]

@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlch
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session
 
-from meshca.adapters.storage.engine import error_summary
+from meshca.adapters.storage.engine import error_summary, write_gate
 from meshca.adapters.storage.tables import IssuanceRecordRow
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.errors import BackendUnavailable, InternalError
@@ -73,8 +73,10 @@ class SqlAuditLog:
         if max_wait < 0:
             raise ValueError(f"max_wait must not be negative, not {max_wait}")
         self._engine = engine
+        self._gate = write_gate(engine)
         self._max_batch = max_batch
         self._max_wait = max_wait
+        self._last_batch_size = 0
         # None is the stop signal; close() queues it after the last accepted record.
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -189,13 +191,16 @@ class SqlAuditLog:
     def _next_batch(self) -> tuple[builtins.list[_Pending], bool]:
         """Block for one record, then gather more until full or ``max_wait`` has passed.
 
-        Returns the batch and whether the stop signal was seen.
+        The wait is only spent under load, judged by the last batch: a lone request
+        commits at once, while concurrent ones keep sharing commits. Returns the batch
+        and whether the stop signal was seen.
         """
         first = self._queue.get()
         if first is None:
             return [], True
         batch = [first]
-        deadline = time.monotonic() + self._max_wait
+        wait = self._max_wait if self._last_batch_size > 1 else 0.0
+        deadline = time.monotonic() + wait
         while len(batch) < self._max_batch:
             remaining = deadline - time.monotonic()
             try:
@@ -210,6 +215,7 @@ class SqlAuditLog:
             if item is None:
                 return batch, True
             batch.append(item)
+        self._last_batch_size = len(batch)
         return batch, False
 
     def _write(self, batch: builtins.list[_Pending]) -> None:
@@ -239,7 +245,7 @@ class SqlAuditLog:
 
     def _insert(self, batch: builtins.list[_Pending]) -> None:
         # One transaction per batch: the commit (and its fsync) is what is shared.
-        with self._engine.begin() as connection:
+        with self._gate, self._engine.begin() as connection:
             connection.execute(insert(IssuanceRecordRow), [pending.row for pending in batch])
 
     def _fail(self, batch: builtins.list[_Pending], error: Exception) -> None:

@@ -5,6 +5,9 @@ Both are configured for durability first: a commit that returns is on disk.
 
 from __future__ import annotations
 
+import fcntl
+import os
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from meshca.core.errors import BackendUnavailable
 
-__all__ = ["error_summary", "make_engine", "redacted_url", "sqlite_url_for"]
+__all__ = ["error_summary", "make_engine", "redacted_url", "sqlite_url_for", "write_gate"]
 
 _PSYCOPG = "postgresql+psycopg"
 
@@ -122,3 +125,36 @@ def _postgres_engine(url: URL, connect_timeout: float) -> Engine:
         )
     except ModuleNotFoundError as error:
         raise BackendUnavailable("PostgreSQL needs psycopg 3: install meshca[postgres]") from error
+
+
+class _FileGate:
+    """Serialises writers across processes with ``flock`` on a file beside the database.
+
+    SQLite's own busy handler polls with sleeps that grow to 100 ms, so two processes
+    committing at once stall each other for milliseconds; a blocked ``flock`` wakes the
+    moment the holder lets go. Writers queue here and SQLite never sees them collide.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._fd is not None
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+def write_gate(engine: Engine) -> AbstractContextManager[None]:
+    """What a writer holds around each write transaction: a file lock for SQLite, else nothing.
+
+    Only one thread per store writes, so the gate needs no thread lock of its own.
+    """
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database:
+        return _FileGate(Path(database).with_name(Path(database).name + ".write-lock"))
+    return nullcontext()
