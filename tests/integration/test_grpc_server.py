@@ -26,7 +26,7 @@ from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.engine import make_engine
 from meshca.cli import main as meshca_main
 from meshca.core.audit import AuditRecord
-from tests.core.builders import lint_findings
+from tests.core.builders import csr_der, csr_pem, lint_findings, private_key, tamper_signature
 from tests.integration.server_harness import RunningServer, running_server
 
 pytestmark = pytest.mark.integration
@@ -153,6 +153,11 @@ async def test_trust_bundle_get_and_watch(server: RunningServer) -> None:
     assert bundle.roots[0].encode() == server.roots_pem
 
 
+def _tampered_pem() -> str:
+    der = tamper_signature(csr_der())
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM).decode()
+
+
 HOSTILE = [
     pytest.param(dict(token=None), grpc.StatusCode.UNAUTHENTICATED, id="fail/no-token"),
     pytest.param(dict(token="not.a.jwt"), grpc.StatusCode.UNAUTHENTICATED, id="fail/garbage-token"),
@@ -183,6 +188,19 @@ HOSTILE = [
         id="fail/two-identities",
     ),
     pytest.param(dict(ca=True), grpc.StatusCode.INVALID_ARGUMENT, id="fail/ca-true"),
+    pytest.param(
+        dict(csr=csr_pem(private_key("rsa-1024")).decode()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        id="fail/weak-key",
+    ),
+    pytest.param(
+        dict(csr=_tampered_pem()), grpc.StatusCode.INVALID_ARGUMENT, id="fail/tampered-csr"
+    ),
+    pytest.param(
+        dict(token="eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."),
+        grpc.StatusCode.UNAUTHENTICATED,
+        id="fail/alg-none",
+    ),
     pytest.param(dict(csr="x" * 70_000), grpc.StatusCode.RESOURCE_EXHAUSTED, id="fail/oversized"),
 ]
 
