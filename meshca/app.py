@@ -12,6 +12,7 @@ import hashlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import random
 import signal
 import socket
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,28 +28,51 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
 
+from meshca.adapters.bundle_endpoint import BundleEndpoint
 from meshca.adapters.clock import SystemClock
-from meshca.adapters.grpc.server import SERVICE_NAMES, ServerTls, build_server
+from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
+from meshca.adapters.grpc.server import (
+    POLICY_HEALTH,
+    POLICY_SERVICE_NAMES,
+    SERVICE_NAMES,
+    ServerTls,
+    add_audit_port,
+    build_server,
+)
 from meshca.adapters.k8s.jwks import JwksAttestor
 from meshca.adapters.k8s.key_source import JwksKeySource
 from meshca.adapters.k8s.token_review import TokenReviewAttestor
 from meshca.adapters.keys.file_store import FileCaStore, new_serial
+from meshca.adapters.keys.log_key import load_or_create_log_key
+from meshca.adapters.keys.files import FileKeyManager, LeaderLock, ca_lock
+from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.storage.audit_log import SqlAuditLog
-from meshca.adapters.storage.engine import make_engine
-from meshca.adapters.storage.tables import create_schema
+from meshca.adapters.storage.audit_query import SqlAuditReader
+from meshca.adapters.storage.transparency import SqlTransparencyLog
+from meshca.adapters.storage.decision_log import SqlDecisionLog
+from meshca.adapters.storage.engine import make_engine, redacted_url
+from meshca.adapters.storage.journal import SqlAuthorityJournal
+from meshca.adapters.storage.migrate import SchemaUnknown, prepare_schema
+from meshca.adapters.vault.client import VaultAuth, VaultClient
+from meshca.adapters.vault.transit_key import TransitKeyManager
+from meshca.adapters.vault.upstream import VaultUpstream
 from meshca.config import ConfigError, Settings
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority
 from meshca.core.csr import CsrRequest
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
-from meshca.core.ports import Attestor, Clock
+from meshca.core.ports import Attestor, Clock, KeyManager
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 from meshca.service.attestation_cache import CachingAttestor
+from meshca.service.audit import AuditAccess, AuditService, LogMaintenance
+from meshca.service.authority import AuthorityService
+from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService, serial_hex
+from meshca.service.rotator import Rotator
 
 __all__ = ["prepare", "run_worker", "serve"]
 
@@ -55,6 +80,8 @@ log = logging.getLogger("meshca")
 
 SERVING_CERT_TTL = timedelta(days=7)
 API_SERVING_CERT = "meshca.serving-certificate"
+#: Health-checking service name that turns NOT_SERVING while the CA is degraded.
+AUTHORITY_HEALTH = "meshca.authority"
 #: The SPIFFE ID meshca presents to its clients.
 SERVER_WORKLOAD = ("meshca", "meshca")
 
@@ -66,26 +93,147 @@ def configure_logging(settings: Settings) -> None:
     )
 
 
-def load_authority(settings: Settings, clock: Clock) -> Authority:
-    return FileCaStore(settings.data_dir).load_or_create(
-        TrustDomain.parse(settings.trust_domain),
-        clock.now(),
-        settings.root_ttl,
-        settings.intermediate_ttl,
+def build_authorities(
+    settings: Settings,
+    engine: Engine,
+    clock: Clock,
+    checkpoint: Callable[[str], None] | None = None,
+) -> AuthorityService:
+    """The CA's authorities: the journal in the database; keys in ``<data-dir>/ca`` or
+    Vault's Transit engine; roots self-made or from Vault's PKI engine."""
+    ca_dir = settings.data_dir / "ca"
+    trust_domain = TrustDomain.parse(settings.trust_domain)
+    vault = build_vault_client(settings)
+    keys: KeyManager
+    match settings.vault_transit, vault:
+        case True, VaultClient():
+            keys = TransitKeyManager(
+                vault, settings.vault_transit_mount, prefix=f"meshca-{trust_domain.name}"
+            )
+        case _:
+            keys = FileKeyManager(ca_dir)
+    upstream = None
+    if settings.vault_upstream and vault is not None:
+        upstream = VaultUpstream(vault, settings.vault_pki_mount, trust_domain)
+    return AuthorityService(
+        journal=SqlAuthorityJournal(engine),
+        keys=keys,
+        clock=clock,
+        policy=settings.rotation_policy(),
+        trust_domain=trust_domain,
+        new_serial=new_serial,
+        lock=lambda: ca_lock(ca_dir),
+        checkpoint=checkpoint or (lambda _name: None),
+        upstream=upstream,
     )
 
 
+def build_vault_client(settings: Settings) -> VaultClient | None:
+    """The one Vault client of this process, or None when Vault is not configured."""
+    if not settings.vault_addr:
+        return None
+    jwt_file = settings.vault_jwt_file
+    if settings.vault_auth == "kubernetes" and jwt_file is None:
+        jwt_file = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    auth = VaultAuth(
+        method=settings.vault_auth,
+        token_file=settings.vault_token_file,
+        role_id=settings.vault_role_id,
+        secret_id_file=settings.vault_secret_id_file,
+        role=settings.vault_role,
+        jwt_file=jwt_file,
+        mount=settings.vault_auth_mount,
+    )
+    return VaultClient(settings.vault_addr, auth, ca_file=settings.vault_ca_file)
+
+
+def bootstrap_authorities(authorities: AuthorityService, settings: Settings, clock: Clock) -> None:
+    """Adopt a pre-journal CA, or make the first root and intermediate; run due steps."""
+    trust_domain = TrustDomain.parse(settings.trust_domain)
+    legacy = FileCaStore(settings.data_dir)
+    try:
+        authorities.bootstrap(adopt=lambda: legacy.adopt(trust_domain, clock.now()))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    active = authorities.view.authorities.active_root
+    if active is not None:
+        _check_root_domain(active.certificate, trust_domain)
+
+
+def _check_root_domain(root: x509.Certificate, trust_domain: TrustDomain) -> None:
+    try:
+        sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return  # an imported organisation root need not name a trust domain
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if any(u.startswith("spiffe://") for u in uris) and trust_domain.id not in uris:
+        raise ConfigError(
+            f"the CA in {trust_domain.id}'s data directory belongs to another trust domain "
+            f"({', '.join(uris)}); use a fresh --data-dir for {trust_domain.id}"
+        )
+
+
+def upgrade_command(settings: Settings) -> str:
+    """The ``meshca db upgrade`` command line for this server's database."""
+    if settings.database_url:
+        url = redacted_url(make_url(settings.database_url))
+        return f"meshca db upgrade --database-url '{url}'"
+    return f"meshca db upgrade --data-dir {settings.data_dir}"
+
+
+def prepare_database(settings: Settings, engine: Engine) -> None:
+    """Create the schema in a new database; refuse one at another revision."""
+    try:
+        prepare_schema(engine, upgrade_command(settings))
+    except SchemaUnknown as error:
+        raise ConfigError(str(error)) from None
+
+
+def build_audit(
+    settings: Settings, engine: Engine, clock: Clock, is_leader: Callable[[], bool]
+) -> tuple[AuditServicer, LogMaintenance]:
+    """The audit API (read-only, auditors only) and the log's head signing and retention."""
+    token = None
+    if settings.audit_token_file is not None:
+        try:
+            token = settings.audit_token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read audit-token-file {settings.audit_token_file}: {error.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(f"audit-token-file {settings.audit_token_file} is empty")
+    key = load_or_create_log_key(settings.data_dir)
+    issuance_log = SqlTransparencyLog(engine, key)
+    service = AuditService(
+        access=AuditAccess(auditors=frozenset(settings.auditor), token=token),
+        reader=SqlAuditReader(engine),
+        log=issuance_log,
+        clock=clock,
+    )
+    maintenance = LogMaintenance(
+        log=issuance_log,
+        clock=clock,
+        interval=settings.tree_head_interval,
+        retention=settings.audit_retention,
+        is_leader=is_leader,
+    )
+    return AuditServicer(service, public_key_der(key.public_key())), maintenance
+
+
 def prepare(settings: Settings) -> None:
-    """Everything that must happen once, before any worker starts: CA files, schema."""
+    """Everything that must happen once, before any worker starts: schema, CA journal."""
     settings.check_attestation()
     TrustDomain.parse(settings.trust_domain)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # CA keys and the issuance record live here: only meshca's user may look inside.
     settings.data_dir.chmod(0o700)
-    load_authority(settings, SystemClock())
     engine = make_engine(settings.effective_database_url)
     try:
-        create_schema(engine)
+        prepare_database(settings, engine)
+        load_or_create_log_key(settings.data_dir)
+        clock = SystemClock()
+        bootstrap_authorities(build_authorities(settings, engine, clock), settings, clock)
     finally:
         engine.dispose()
 
@@ -139,12 +287,86 @@ class Worker:
     audit: SqlAuditLog
     engine: Engine
     executor: ThreadPoolExecutor
+    authorities: AuthorityService
+    bundle: TrustBundleService
+    rotator: Rotator
+    leader: LeaderLock
+    stopping: asyncio.Event
+    tasks: list[asyncio.Task[None]]
+    serving: ServingCertificate | None = None
+    bundle_endpoint: BundleEndpoint | None = None
+    bundle_port: int | None = None
+    authz: AuthorizationService | None = None
+    decisions: SqlDecisionLog | None = None
+    audit_port: int | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.stopping.set()
+        if self.bundle_endpoint is not None:
+            await self.bundle_endpoint.stop()
         await self.server.stop(grace)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.leader.release()
         self.executor.shutdown(wait=True)
         await self.audit.aclose()
+        if self.decisions is not None:
+            await self.decisions.aclose()
         self.engine.dispose()
+
+
+class ServingCertificate:
+    """meshca's own TLS certificate: issued at start, renewed once half its life is gone.
+
+    Renewal matters once CA lifetimes are short: the certificate cannot outlive the
+    intermediate that signed it. New handshakes pick up the renewed one.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        authorities: AuthorityService,
+        audit: SqlAuditLog,
+        clock: Clock,
+    ) -> None:
+        self._settings = settings
+        self._authorities = authorities
+        self._audit = audit
+        self._clock = clock
+        self._pending: ServerTls | None = None
+        self.tls: ServerTls | None = None
+        self.renew_at = clock.now()
+        self._listeners: list[Callable[[ServerTls], None]] = []
+
+    async def issue(self) -> ServerTls:
+        tls = await _serving_tls(
+            self._settings, self._authorities.current(), self._audit, self._clock
+        )
+        leaf = x509.load_pem_x509_certificates(tls.chain_pem)[0]
+        start, end = leaf.not_valid_before_utc, leaf.not_valid_after_utc
+        self.renew_at = start + (end - start) / 2
+        self.tls = self._pending = tls
+        for listener in self._listeners:
+            listener(tls)
+        return tls
+
+    def on_renewal(self, listener: Callable[[ServerTls], None]) -> None:
+        self._listeners.append(listener)
+
+    def take_update(self) -> ServerTls | None:
+        """A renewed certificate not yet handed to the gRPC server, once."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    async def run(self, stop: asyncio.Event, interval: float) -> None:
+        while not stop.is_set():
+            if self._clock.now() >= self.renew_at:
+                try:
+                    await self.issue()
+                    log.info("renewed meshca's serving certificate")
+                except Exception:
+                    log.exception("could not renew meshca's serving certificate; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
 
 
 async def _serving_tls(
@@ -193,12 +415,51 @@ async def _serving_tls(
     )
 
 
+class _PolicyHealth:
+    """Reports the policy set's state as the health of ``POLICY_HEALTH`` once serving."""
+
+    def __init__(self) -> None:
+        self.health: Any = None
+
+    async def __call__(self, status: PolicyStatus) -> None:
+        if self.health is not None:
+            serving = health_pb2.HealthCheckResponse
+            await self.health.set(
+                POLICY_HEALTH, serving.SERVING if status.healthy else serving.NOT_SERVING
+            )
+
+
+async def build_authz(
+    settings: Settings, engine: Engine, clock: Clock, on_status: _PolicyHealth
+) -> tuple[AuthorizationService | None, SqlDecisionLog | None]:
+    """With ``--policy-dir``: the authorization service, its first load done, and its log.
+
+    Invalid files at start-up do not stop the server (certificates are still issued):
+    every request is denied until a valid set loads, and the problems are logged.
+    """
+    if settings.policy_dir is None:
+        return None, None
+    decisions = SqlDecisionLog(engine)
+    authz = AuthorizationService(
+        source=DirectoryPolicySource(settings.policy_dir),
+        clock=clock,
+        default_allow=settings.policy_default == "allow",
+        decision_log=decisions,
+        sample_rate=settings.decision_sample_rate,
+        random=random.random,
+        on_status=on_status,
+    )
+    await authz.reload()
+    return authz, decisions
+
+
 async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
     """Build every part from ``settings`` and start serving; returns once listening."""
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
-    authority = load_authority(settings, clock)
     engine = make_engine(settings.effective_database_url)
+    authorities = build_authorities(settings, engine, clock)
+    await asyncio.to_thread(authorities.refresh)
     audit = SqlAuditLog(engine)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshca-sign")
     loop = asyncio.get_running_loop()
@@ -206,12 +467,12 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
     def offload(fn: Callable[[], Any]) -> Any:
         return loop.run_in_executor(executor, fn)
 
-    bundle = TrustBundleService(trust_domain, authority.roots)
+    bundle = TrustBundleService(trust_domain, authorities.view.bundle)
     ca = CertificateService(
         trust_domain=trust_domain,
         attestor=build_attestor(settings, clock),
         audit_log=audit,
-        authority=lambda: authority,
+        authority=authorities.current,
         clock=clock,
         policy=IssuancePolicy(
             default_ttl=min(settings.svid_ttl, settings.max_svid_ttl),
@@ -220,14 +481,106 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
         new_serial=new_serial,
         offload=offload,
     )
-    tls = None if settings.plaintext else await _serving_tls(settings, authority, audit, clock)
-    server, port, health = build_server(
-        ca=ca, bundle=bundle, listen=listen or settings.listen, tls=tls
+    serving = (
+        None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
     )
+    tls = None if serving is None else await serving.issue()
+    policy_health = _PolicyHealth()
+    authz, decisions = await build_authz(settings, engine, clock, policy_health)
+
+    def record_counters() -> tuple[int, int]:
+        counters = decisions.counters if decisions is not None else None
+        return (counters.failed, counters.dropped) if counters is not None else (0, 0)
+
+    leader = LeaderLock(settings.data_dir / "ca")
+    audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
+    server, port, health = build_server(
+        ca=ca,
+        bundle=bundle,
+        listen=listen or settings.listen,
+        tls=tls,
+        tls_updates=None if serving is None else serving.take_update,
+        authz=authz,
+        record_counters=record_counters,
+        audit=audit_servicer,
+    )
+    audit_port = None
+    if settings.audit_listen and tls is not None:
+        roots_pem = "".join(bundle.current().roots_pem()).encode()
+        audit_port = add_audit_port(server, settings.audit_listen, tls, roots_pem)
     await server.start()
-    for name in ("", *SERVICE_NAMES):
+    if authz is not None:
+        for name in POLICY_SERVICE_NAMES:
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        policy_health.health = health
+        await policy_health(authz.status())
+    for name in ("", *SERVICE_NAMES, AUTHORITY_HEALTH):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Worker(server=server, port=port, audit=audit, engine=engine, executor=executor)
+
+    def report_health(problem: str | None) -> None:
+        # Still SERVING overall: issuance goes on under the current intermediate.
+        status = health_pb2.HealthCheckResponse
+        task = asyncio.ensure_future(
+            health.set(AUTHORITY_HEALTH, status.NOT_SERVING if problem else status.SERVING)
+        )
+        tasks.append(task)
+
+    rotator = Rotator(
+        authorities=authorities,
+        bundle=bundle,
+        is_leader=leader.held,
+        interval=settings.journal_poll.total_seconds(),
+        on_health=report_health,
+    )
+    endpoint, bundle_port = None, None
+    if settings.bundle_endpoint is not None:
+        endpoint = BundleEndpoint(
+            bundle.current,
+            # Relying parties re-fetch well within the propagation delay.
+            refresh_hint=min(
+                300.0, settings.rotation_policy().propagation_delay.total_seconds() / 4
+            ),
+            tls=None if tls is None else (tls.private_key_pem, tls.chain_pem),
+        )
+        if serving is not None:
+            serving.on_renewal(
+                lambda renewed: (
+                    endpoint.update_tls(renewed.private_key_pem, renewed.chain_pem)
+                    if endpoint
+                    else None
+                )
+            )
+        bundle_host, _, bundle_port_text = settings.bundle_endpoint.rpartition(":")
+        bundle_port = await endpoint.start(bundle_host.strip("[]"), int(bundle_port_text))
+    stopping = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(rotator.run(stopping))]
+    tasks.append(asyncio.create_task(maintenance.run(stopping)))
+    if authz is not None:
+        interval = settings.policy_poll_interval.total_seconds()
+        tasks.append(asyncio.create_task(authz.run(stopping, interval)))
+    if serving is not None:
+        tasks.append(
+            asyncio.create_task(serving.run(stopping, settings.journal_poll.total_seconds()))
+        )
+    return Worker(
+        server=server,
+        port=port,
+        audit=audit,
+        engine=engine,
+        executor=executor,
+        authorities=authorities,
+        bundle=bundle,
+        rotator=rotator,
+        leader=leader,
+        stopping=stopping,
+        tasks=tasks,
+        serving=serving,
+        bundle_endpoint=endpoint,
+        bundle_port=bundle_port,
+        authz=authz,
+        decisions=decisions,
+        audit_port=audit_port,
+    )
 
 
 async def run_worker(settings: Settings, listen: str | None = None) -> None:

@@ -20,7 +20,8 @@ import yaml
 
 from meshca.adapters.k8s.token_review import in_cluster_defaults
 from meshca.core.errors import InvalidSpiffeId
-from meshca.core.spiffe import TrustDomain
+from meshca.core.rotation import RotationPolicy
+from meshca.core.spiffe import SpiffeId, TrustDomain
 
 __all__ = ["ConfigError", "Settings", "load_settings", "parse_duration"]
 
@@ -78,10 +79,36 @@ class Settings:
     max_svid_ttl: timedelta = timedelta(hours=24)
     root_ttl: timedelta = timedelta(days=365)
     intermediate_ttl: timedelta = timedelta(days=30)
+    propagation_delay: timedelta | None = None
+    root_rotation: timedelta | None = None
+    journal_poll: timedelta = timedelta(seconds=2)
+    bundle_endpoint: str | None = None
+    vault_addr: str | None = None
+    vault_upstream: bool = False
+    vault_transit: bool = False
+    vault_pki_mount: str = "pki"
+    vault_transit_mount: str = "transit"
+    vault_auth: str = "token"
+    vault_auth_mount: str | None = None
+    vault_token_file: Path | None = None
+    vault_role_id: str | None = None
+    vault_secret_id_file: Path | None = None
+    vault_role: str | None = None
+    vault_jwt_file: Path | None = None
+    vault_ca_file: Path | None = None
     plaintext: bool = False
     server_name: tuple[str, ...] = ("localhost",)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     log_level: str = "info"
+    policy_dir: Path | None = None
+    policy_default: str = "deny"
+    policy_poll_interval: timedelta = timedelta(seconds=5)
+    decision_sample_rate: float = 1.0
+    auditor: tuple[str, ...] = ()
+    audit_token_file: Path | None = None
+    audit_listen: str | None = None
+    tree_head_interval: timedelta = timedelta(seconds=60)
+    audit_retention: timedelta | None = None
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -96,6 +123,40 @@ class Settings:
             raise ConfigError(f"trust-domain: {exc}") from None
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log-level must be one of debug, info, warning, error")
+        if self.policy_default not in ("deny", "allow"):
+            raise ConfigError(f"policy-default must be deny or allow, not {self.policy_default!r}")
+        if not 0.0 <= self.decision_sample_rate <= 1.0:
+            raise ConfigError("decision-sample-rate must be between 0 and 1")
+        for problem in self.rotation_policy().problems():
+            raise ConfigError(f"CA lifetimes: {problem}")
+        if self.bundle_endpoint is not None and ":" not in self.bundle_endpoint:
+            raise ConfigError("bundle-endpoint must be HOST:PORT")
+        if self.vault_auth not in ("token", "approle", "kubernetes"):
+            raise ConfigError("vault-auth must be token, approle or kubernetes")
+        if (self.vault_upstream or self.vault_transit) and not self.vault_addr:
+            raise ConfigError("--vault-upstream and --vault-transit need --vault-addr")
+        for auditor in self.auditor:
+            try:
+                SpiffeId.parse(auditor)
+            except InvalidSpiffeId as exc:
+                raise ConfigError(f"auditor: {exc}") from None
+        if self.audit_listen is not None and ":" not in self.audit_listen:
+            raise ConfigError("audit-listen must be HOST:PORT")
+        if self.audit_listen and self.plaintext:
+            raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
+
+    def rotation_policy(self) -> RotationPolicy:
+        """The CA lifetimes as core values; unset delays take their documented defaults."""
+        return RotationPolicy(
+            root_ttl=self.root_ttl,
+            intermediate_ttl=self.intermediate_ttl,
+            max_svid_ttl=self.max_svid_ttl,
+            # A proxy renews within its certificate's lifetime, fetching the bundle.
+            propagation_delay=self.propagation_delay or self.max_svid_ttl,
+            root_rotation=self.root_rotation or self.root_ttl / 2,
+            # With Vault's PKI upstream, roots are Vault's: meshca follows, never makes one.
+            self_managed_roots=not self.vault_upstream,
+        )
 
     @property
     def effective_database_url(self) -> str:
@@ -142,6 +203,10 @@ def _convert(name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ConfigError(f"{value!r} is not a whole number")
             return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ConfigError(f"{value!r} is not a number")
+            return float(value)
         if "Path" in kind:
             return Path(str(value)).expanduser()
         if not isinstance(value, str | int | float):

@@ -9,6 +9,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures_k8s",
     "tests.fixtures_pg",
+    "tests.fixtures_vault",
 ]
 
 

@@ -26,7 +26,8 @@ from cryptography.x509.verification import PolicyBuilder, Store
 
 from meshca.adapters.grpc.client import channel_to, create_certificate
 from meshca.adapters.k8s.dev_issuer import DevTokenIssuer
-from meshca.adapters.keys.file_store import FileCaStore, write_private
+from meshca.adapters.keys.file_store import write_private
+from meshca.cli.ca_cmd import load_bundle
 from meshca.cli.serve_cmd import add_setting_flags, settings_from
 from meshca.config import Settings
 
@@ -82,8 +83,7 @@ def request_certificate(
     """Act as a proxy: token + key + CSR -> Istio CreateCertificate -> verified chain."""
     token = _issuer(data_dir).mint(namespace, service_account, DEV_AUDIENCE, now=datetime.now(UTC))
     key_pem, csr_pem = _make_key_and_csr()
-    store = FileCaStore(data_dir)
-    roots = store.load_roots()
+    roots = load_bundle(data_dir)
     roots_pem = b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
     with channel_to(target, None if plaintext else roots_pem) as channel:
         try:
@@ -185,7 +185,7 @@ def _token(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
-    if not FileCaStore(data_dir).exists():
+    if not load_bundle(data_dir):
         print(f"meshca: no dev CA in {data_dir}: run 'meshca dev serve' first", file=sys.stderr)
         return 1
     return request_certificate(

@@ -29,11 +29,41 @@ HELP = {
     "svid_ttl": "lifetime of a certificate when the caller asks for none (default 24h)",
     "max_svid_ttl": "longest lifetime a caller may get (default 24h)",
     "root_ttl": "lifetime of a self-generated root (default 365d)",
-    "intermediate_ttl": "lifetime of a self-generated intermediate (default 30d)",
+    "intermediate_ttl": "lifetime of an intermediate; renewed at half-life (default 30d)",
+    "propagation_delay": "how long a new root is in the trust bundle before anything is "
+    "signed under it (default: --max-svid-ttl)",
+    "root_rotation": "age at which a self-generated root's successor is prepared "
+    "(default: half of --root-ttl)",
+    "journal_poll": "how often each server process re-reads the CA journal (default 2s)",
+    "bundle_endpoint": "serve the SPIFFE trust bundle over HTTPS at HOST:PORT, path / "
+    "(plain HTTP with --plaintext)",
+    "vault_addr": "Vault (OpenBao) address, e.g. https://vault:8200; Vault is off without it",
+    "vault_upstream": "Vault's PKI owns the roots and signs meshca's intermediates",
+    "vault_transit": "keep the CA private keys in Vault's Transit engine (none on disk)",
+    "vault_pki_mount": "PKI mount of the upstream CA (default pki)",
+    "vault_transit_mount": "Transit mount for the CA keys (default transit)",
+    "vault_auth": "how meshca logs in to Vault: token, approle or kubernetes (default token)",
+    "vault_auth_mount": "auth mount (default: the method's name)",
+    "vault_token_file": "file holding the Vault token (vault-auth token)",
+    "vault_role_id": "AppRole role id (vault-auth approle)",
+    "vault_secret_id_file": "file holding the AppRole secret id (vault-auth approle)",
+    "vault_role": "Vault role for Kubernetes login (vault-auth kubernetes)",
+    "vault_jwt_file": "service-account token for Kubernetes login (default: the pod's own)",
+    "vault_ca_file": "CA bundle to verify Vault's TLS certificate",
     "plaintext": "serve without TLS (local use only)",
     "server_name": "DNS name or IP in meshca's serving certificate; repeat (default localhost)",
     "workers": "server processes sharing the port (default: one per CPU)",
     "log_level": "debug, info, warning or error (default info)",
+    "policy_dir": "serve Envoy ext_authz decisions from the authorization policies here",
+    "policy_default": "decision when no ALLOW policy selects a workload: deny or allow "
+    "(default deny)",
+    "policy_poll_interval": "how often the policy directory is checked for changes (default 5s)",
+    "decision_sample_rate": "share of allowed decisions recorded, 0..1 (denied: all; default 1)",
+    "auditor": "SPIFFE ID allowed to use the audit API over mTLS (--audit-listen); repeat",
+    "audit_token_file": "file holding a bearer token that grants the audit API (for tools)",
+    "audit_listen": "HOST:PORT where auditors connect with a client SVID (mTLS required)",
+    "tree_head_interval": "how often the log's tree head is signed when it grew (default 60s)",
+    "audit_retention": "prune issuance records older than this (default: keep forever)",
 }
 
 

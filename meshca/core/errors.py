@@ -8,32 +8,42 @@ and never carry tokens or key material.
     ├── InvalidRequest                 the caller sent something malformed
     │   ├── MalformedCsr
     │   ├── WeakKey
-    │   └── InvalidSpiffeId
+    │   ├── InvalidSpiffeId
+    │   ├── AmbiguousPath              an HTTP path that cannot be matched safely
+    │   └── InvalidPolicy              policy files that cannot be loaded (``problems``)
     ├── RequestTooLarge                an input over its size limit
     ├── AuthenticationFailed           the token is missing, bad, expired, for someone else
     ├── NotAuthorized                  authenticated, but asks for more than it may have
     ├── Unavailable                    a backend we depend on cannot answer now
     │   ├── AuthorityNotReady
-    │   └── BackendUnavailable
+    │   ├── BackendUnavailable
+    │   └── JournalConflict            another process changed the CA journal first
+    ├── UnsafeChange                   an operator's CA change would break trust now
     └── InternalError                  a bug or broken invariant on our side
         └── IssuedCertificateInvalid
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
+    "AmbiguousPath",
     "AuthenticationFailed",
     "AuthorityNotReady",
     "BackendUnavailable",
     "InternalError",
+    "InvalidPolicy",
     "InvalidRequest",
     "InvalidSpiffeId",
     "IssuedCertificateInvalid",
+    "JournalConflict",
     "MalformedCsr",
     "MeshcaError",
     "NotAuthorized",
     "RequestTooLarge",
     "Unavailable",
+    "UnsafeChange",
     "WeakKey",
 ]
 
@@ -67,6 +77,26 @@ class InvalidSpiffeId(InvalidRequest):
     reason = "invalid-spiffe-id"
 
 
+class AmbiguousPath(InvalidRequest):
+    reason = "ambiguous-path"
+
+
+class InvalidPolicy(InvalidRequest):
+    """One or more policy documents cannot be loaded; ``problems`` says where and why.
+
+    Each problem is a value with ``file``, ``document``, ``line``, ``field`` and
+    ``message`` (``meshca.core.policy.PolicyProblem``).
+    """
+
+    reason = "invalid-policy"
+
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = tuple(problems)
+        first = "; ".join(str(p) for p in self.problems[:3])
+        more = len(self.problems) - 3
+        super().__init__(first + (f" (and {more} more)" if more > 0 else ""))
+
+
 class RequestTooLarge(MeshcaError):
     reason = "request-too-large"
 
@@ -89,6 +119,16 @@ class AuthorityNotReady(Unavailable):
 
 class BackendUnavailable(Unavailable):
     reason = "backend-unavailable"
+
+
+class JournalConflict(Unavailable):
+    reason = "journal-conflict"
+
+
+class UnsafeChange(MeshcaError):
+    """Refused: the requested CA change would make certificates fail to verify."""
+
+    reason = "unsafe-change"
 
 
 class InternalError(MeshcaError):

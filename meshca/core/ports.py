@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
-from typing import Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol, runtime_checkable
 
-from meshca.core.audit import AuditRecord
+from cryptography import x509
+
+from meshca.core.audit import AuditPage, AuditQuery, AuditRecord, LogEntry
+from meshca.core.authority import SignerKey
 from meshca.core.identity import KubernetesIdentity
+from meshca.core.log import (
+    ConsistencyProof,
+    InclusionProof,
+    LogState,
+    SignedTreeHead,
+)
+from meshca.core.rotation import AuthorityEntry, AuthoritySet, Transition
 
-__all__ = ["Attestor", "AuditLog", "Clock"]
+__all__ = [
+    "Attestor",
+    "AuditLog",
+    "AuditReader",
+    "AuthorityJournal",
+    "Clock",
+    "IssuanceLog",
+    "KeyImporter",
+    "KeyInventory",
+    "KeyManager",
+    "SignedIntermediate",
+    "UpstreamAuthority",
+    "UpstreamRoot",
+]
 
 
 class Clock(Protocol):
@@ -49,4 +73,135 @@ class AuditLog(Protocol):
         serial: str | None = None,
     ) -> Sequence[AuditRecord]:
         """The newest records first, filtered by exact SPIFFE ID and serial."""
+        ...
+
+
+class AuthorityJournal(Protocol):
+    """The CA's journal of its roots and intermediates and their lifecycle states.
+
+    Blocking: callers run it off the event loop.
+    """
+
+    def load(self) -> AuthoritySet:
+        """Every entry, in any state. Raises ``BackendUnavailable`` if storage is down."""
+        ...
+
+    def record(
+        self, inserts: Sequence[AuthorityEntry], moves: Sequence[Transition], at: datetime
+    ) -> None:
+        """Insert ``inserts`` and apply ``moves`` (stamped ``at``) in one transaction.
+
+        All or nothing: raises ``JournalConflict`` if an entry is not in the move's
+        ``from_state`` or an inserted id exists, ``BackendUnavailable`` if storage is down.
+        """
+        ...
+
+
+class KeyManager(Protocol):
+    """Private keys of meshca's own authorities. Keys never leave it: it hands out signers."""
+
+    def create(self, label: str) -> tuple[str, SignerKey]:
+        """A new key, durably stored before this returns: its reference and a signer."""
+        ...
+
+    def load(self, key_ref: str) -> SignerKey:
+        """The signer for ``key_ref``; raises ``BackendUnavailable`` if it cannot be had."""
+        ...
+
+    def delete(self, key_ref: str) -> None:
+        """Destroy the key; a key that is already gone is not an error."""
+        ...
+
+
+@runtime_checkable
+class KeyInventory(Protocol):
+    """Optional: lists stored keys, so keys no journal entry names can be cleaned up."""
+
+    def key_refs(self) -> Sequence[str]: ...
+
+
+class KeyImporter(Protocol):
+    """Optional: takes custody of an existing key (``meshca ca import``)."""
+
+    def store(self, label: str, key: SignerKey) -> str:
+        """Store ``key`` durably and return its reference."""
+        ...
+
+
+class AuditReader(Protocol):
+    """Reads the issuance record. Blocking: callers run it off the event loop."""
+
+    def query(self, query: AuditQuery) -> AuditPage:
+        """One page of matching entries, newest first. ``InvalidRequest`` for a bad cursor."""
+        ...
+
+    def get(self, *, serial: str | None = None, leaf_index: int | None = None) -> LogEntry | None:
+        """The entry with this serial or leaf index, or None."""
+        ...
+
+    def export(self, query: AuditQuery) -> Iterator[LogEntry]:
+        """Every matching entry, newest first, read page by page."""
+        ...
+
+    def leaves(self, start: int, limit: int) -> Sequence[LogEntry]:
+        """Up to ``limit`` stored entries from leaf ``start`` on, in leaf order."""
+        ...
+
+
+class IssuanceLog(Protocol):
+    """The verifiable log over the record: signed heads and proofs. Blocking.
+
+    Proofs raise ``InvalidRequest`` for sizes or indexes outside the log, or when they
+    would need leaves removed by retention.
+    """
+
+    def state(self) -> LogState: ...
+
+    def latest_head(self) -> SignedTreeHead | None: ...
+
+    def sign_head(self, now: datetime) -> SignedTreeHead:
+        """Sign and store a head covering every committed leaf."""
+        ...
+
+    def inclusion_proof(self, leaf_index: int, tree_size: int) -> InclusionProof: ...
+
+    def consistency_proof(self, old_size: int, new_size: int) -> ConsistencyProof: ...
+
+    def prune(self, before: datetime) -> int:
+        """Remove records older than ``before`` from the start of the log; the new mark."""
+        ...
+
+
+@dataclass(frozen=True)
+class UpstreamRoot:
+    """A root of the upstream CA; ``ref`` names it there (a Vault PKI issuer id)."""
+
+    ref: str
+    certificate: x509.Certificate
+    default: bool = False
+
+
+@dataclass(frozen=True)
+class SignedIntermediate:
+    """An intermediate the upstream CA signed: the certificate and its chain up to,
+    excluding, the root, issuer first."""
+
+    certificate: x509.Certificate
+    chain: tuple[x509.Certificate, ...]
+
+
+class UpstreamAuthority(Protocol):
+    """An upstream CA (Vault's PKI) that owns the roots and signs meshca's intermediates.
+
+    Blocking; raises ``BackendUnavailable`` when the upstream cannot be reached.
+    """
+
+    def roots(self) -> Sequence[UpstreamRoot]:
+        """The upstream's current roots."""
+        ...
+
+    def sign_intermediate(
+        self, root_ref: str, csr: x509.CertificateSigningRequest, ttl: timedelta
+    ) -> SignedIntermediate:
+        """Have root ``root_ref`` sign ``csr`` as a CA that may sign only leaves."""
         ...

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca import app
-from meshca.adapters.keys.file_store import FileCaStore
+from meshca.cli.ca_cmd import load_bundle
 from meshca.config import Settings
 
 ISSUER = "https://kubernetes.test.local"
@@ -74,7 +74,7 @@ class RunningServer:
 
     @property
     def roots_pem(self) -> bytes:
-        roots = FileCaStore(self.settings.data_dir).load_roots()
+        roots = load_bundle(self.settings.data_dir, self.settings.database_url)
         return b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots)
 
     def channel(self) -> grpc.aio.Channel:

@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from meshca.adapters.grpc import ext_authz, policy_servicer
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
-from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
+from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from meshca.adapters.grpc.ca_servicer import CertificateServicer, IstioCertificateServicer
 from meshca.adapters.grpc.errors import ErrorMappingInterceptor
+from meshca.service.authz import AuthorizationService
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService
 
-__all__ = ["MAX_MESSAGE_BYTES", "MAX_METADATA_BYTES", "ServerTls", "build_server"]
+__all__ = [
+    "AUDIT_SERVICE_NAME",
+    "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_BYTES",
+    "POLICY_HEALTH",
+    "POLICY_SERVICE_NAMES",
+    "ServerTls",
+    "add_audit_port",
+    "build_server",
+]
 
 #: Requests larger than this get RESOURCE_EXHAUSTED from gRPC itself: a CSR is ~1 KiB.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -27,6 +41,13 @@ SERVICE_NAMES = (
     ca_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
     istio_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name,
 )
+#: Served with ``authz`` (``meshca serve --policy-dir``): Envoy's ext_authz and ours.
+POLICY_SERVICE_NAMES = (ext_authz.SERVICE_NAME, policy_servicer.SERVICE_NAME)
+#: Served when the audit API is configured (auditors or an audit token).
+AUDIT_SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name
+#: Health-checking name that is NOT_SERVING while the newest policy files are invalid
+#: (the last good set keeps being served under the two names above).
+POLICY_HEALTH = "meshca.policy"
 
 
 @dataclass(frozen=True)
@@ -37,14 +58,33 @@ class ServerTls:
     chain_pem: bytes
 
 
+def _certificate_configuration(tls: ServerTls) -> Any:
+    return grpc.ssl_server_certificate_configuration([(tls.private_key_pem, tls.chain_pem)])
+
+
+def _fetch(tls_updates: Callable[[], ServerTls | None]) -> Any:
+    renewed = tls_updates()
+    return None if renewed is None else _certificate_configuration(renewed)
+
+
 def build_server(
     *,
     ca: CertificateService,
     bundle: TrustBundleService,
     listen: str,
     tls: ServerTls | None,
+    tls_updates: Callable[[], ServerTls | None] | None = None,
+    authz: AuthorizationService | None = None,
+    record_counters: Callable[[], tuple[int, int]] | None = None,
+    audit: audit_pb2_grpc.AuditServiceServicer | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Build (not start) the server; returns it, the bound port and the health servicer."""
+    """Build (not start) the server; returns it, the bound port and the health servicer.
+
+    ``tls_updates`` is asked at each new TLS handshake for a renewed certificate (None:
+    keep the current one). It must be quick: it runs on gRPC's own threads. With
+    ``authz``, Envoy's ext_authz and ``meshca.v1.PolicyService`` are served too
+    (``record_counters``: the decision log's failed and dropped counts).
+    """
     server = grpc.aio.server(
         interceptors=[ErrorMappingInterceptor()],
         options=[
@@ -56,11 +96,18 @@ def build_server(
     )
     ca_pb2_grpc.add_CertificateServiceServicer_to_server(CertificateServicer(ca, bundle), server)
     istio_grpc.add_IstioCertificateServiceServicer_to_server(IstioCertificateServicer(ca), server)
+    if authz is not None:
+        ext_authz.add_to_server(authz, server)
+        policy_servicer.add_to_server(authz, server, record_counters)
+    if audit is not None:
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(audit, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
+            *(POLICY_SERVICE_NAMES if authz is not None else ()),
+            *((AUDIT_SERVICE_NAME,) if audit is not None else ()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),
@@ -69,8 +116,34 @@ def build_server(
     if tls is None:
         port = server.add_insecure_port(listen)
     else:
-        credentials = grpc.ssl_server_credentials([(tls.private_key_pem, tls.chain_pem)])
+        if tls_updates is None:
+            credentials = grpc.ssl_server_credentials([(tls.private_key_pem, tls.chain_pem)])
+        else:
+            credentials = grpc.dynamic_ssl_server_credentials(
+                _certificate_configuration(tls), functools.partial(_fetch, tls_updates)
+            )
         port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"could not listen on {listen}")
     return server, port, health_servicer
+
+
+def add_audit_port(
+    server: grpc.aio.Server, listen: str, tls: ServerTls, client_roots_pem: bytes
+) -> int:
+    """Listen on ``listen`` too, requiring a client certificate under ``client_roots_pem``.
+
+    For auditors' SVIDs. gRPC Python can either not ask for a client certificate or
+    require one (it cannot ask and accept none), so proxies keep the main port, where
+    none is asked for, and auditors with an SVID use this one. Every service is served
+    on both; the audit API checks who is calling. Returns the bound port.
+    """
+    credentials = grpc.ssl_server_credentials(
+        [(tls.private_key_pem, tls.chain_pem)],
+        root_certificates=client_roots_pem,
+        require_client_auth=True,
+    )
+    port = server.add_secure_port(listen, credentials)
+    if port == 0:
+        raise OSError(f"could not listen on {listen}")
+    return port

@@ -1,4 +1,9 @@
-"""A self-generated CA kept in the data directory (files 0600, directory 0700).
+"""The CA files of a data directory from before the authority journal (files 0600).
+
+meshca now keeps its authorities in the journal (``service.authority``) and their keys
+under ``ca/keys``; on first start the files here are adopted into the journal
+(``FileCaStore.adopt``). ``load_or_create`` is the old behaviour, kept for tools that
+still read this layout.
 
 On first start it creates an ECDSA P-256 root and an intermediate under it, and reuses
 them on later starts. Creation holds a lock so concurrent starters make one CA, and
@@ -20,9 +25,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.core.authority import Authority, SignerKey, build_intermediate, build_root
+from meshca.core.rotation import (
+    AuthorityEntry,
+    AuthorityKind,
+    AuthoritySource,
+    AuthorityState,
+    entry_id,
+)
 from meshca.core.spiffe import TrustDomain
 
 __all__ = ["FileCaStore", "new_serial", "write_private"]
+
+#: Key references of the pre-journal layout, relative to the ``ca`` directory.
+LEGACY_ROOT_KEY = "file:root.key"
+LEGACY_INTERMEDIATE_KEY = "file:intermediate.key"
 
 
 def new_serial() -> int:
@@ -103,6 +119,59 @@ class FileCaStore:
                 signer=self._load_key(self._intermediate_key_path),
                 chain=(),
                 roots=(root,),
+            )
+
+    def adopt(self, trust_domain: TrustDomain, now: datetime) -> list[AuthorityEntry]:
+        """Journal entries (active, ``adopted``) for a CA made before the journal existed.
+
+        Empty when there is no such CA. An intermediate whose key does not match (a
+        crash in the middle of an old renewal) is left out: a new one is made at once.
+        Raises ``ValueError`` for a root of another trust domain.
+        """
+        if not (self.root_path.exists() and self._root_key_path.exists()):
+            return []
+        root = x509.load_pem_x509_certificate(self.root_path.read_bytes())
+        self._check_trust_domain(root, trust_domain)
+        entries = [
+            AuthorityEntry(
+                id=entry_id(root),
+                kind=AuthorityKind.ROOT,
+                state=AuthorityState.ACTIVE,
+                source=AuthoritySource.ADOPTED,
+                certificate=root,
+                parent_id=None,
+                key_ref=LEGACY_ROOT_KEY,
+                prepared_at=root.not_valid_before_utc,
+                activated_at=now,
+            )
+        ]
+        if self.intermediate_path.exists() and self._intermediate_key_path.exists():
+            cert = x509.load_pem_x509_certificate(self.intermediate_path.read_bytes())
+            key = self._load_key(self._intermediate_key_path)
+            if cert.public_key() == key.public_key() and cert.issuer == root.subject:
+                entries.append(
+                    AuthorityEntry(
+                        id=entry_id(cert),
+                        kind=AuthorityKind.INTERMEDIATE,
+                        state=AuthorityState.ACTIVE,
+                        source=AuthoritySource.ADOPTED,
+                        certificate=cert,
+                        parent_id=entries[0].id,
+                        key_ref=LEGACY_INTERMEDIATE_KEY,
+                        prepared_at=cert.not_valid_before_utc,
+                        activated_at=now,
+                    )
+                )
+        return entries
+
+    def _check_trust_domain(self, root: x509.Certificate, trust_domain: TrustDomain) -> None:
+        expected = x509.UniformResourceIdentifier(trust_domain.id)
+        sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        if expected not in sans:
+            raise ValueError(
+                f"the CA in {self.directory} belongs to another trust domain "
+                f"({', '.join(sans.get_values_for_type(x509.UniformResourceIdentifier))}); "
+                f"use a fresh --data-dir for {trust_domain.id}"
             )
 
     @contextmanager

@@ -1,0 +1,308 @@
+"""Group commit: one writer thread puts whatever rows are queued into one transaction.
+
+``write`` hands its row to the writer thread of a ``GroupCommitWriter``. The writer takes
+whatever is queued (up to ``max_batch`` rows, waiting at most ``max_wait`` seconds for more
+once it has one), inserts it in one transaction and only then wakes each waiting caller on
+its own event loop. Many concurrent writes therefore share one commit, and so one fsync,
+while each caller still returns only after its own row is durable.
+
+``submit`` queues a row without waiting for it (the decision log uses it: a proxy's answer
+must not wait for a disk). Such rows are bounded: past ``max_unawaited`` queued, further
+ones are dropped and counted rather than held in memory without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from sqlalchemy import Connection, Engine, Table, insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from meshca.adapters.storage.engine import error_summary, write_gate
+from meshca.core.errors import BackendUnavailable
+
+__all__ = ["GroupCommitWriter", "WriterCounters"]
+
+log = logging.getLogger(__name__)
+
+# A waiting caller's future and what to give it: None for success, else the error.
+_Outcome: TypeAlias = tuple[asyncio.Future[None], BaseException | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """One queued row and the caller waiting for it (none for ``submit``)."""
+
+    row: dict[str, Any]
+    loop: asyncio.AbstractEventLoop | None
+    future: asyncio.Future[None] | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriterCounters:
+    """What happened to rows queued with ``submit``, since the writer was made."""
+
+    written: int
+    failed: int
+    dropped: int
+
+
+class GroupCommitWriter:
+    """Inserts rows into ``table`` over ``engine`` from one thread, many rows per commit.
+
+    ``write`` returns only after the transaction holding its row has committed, and raises
+    ``BackendUnavailable`` if that transaction failed. A failed batch fails every row in it,
+    except that on an error other than a lost or locked database the rows are retried one
+    per transaction, so one unstorable row cannot fail its neighbours. The writer keeps
+    running after failures and serves later rows once the database is back.
+
+    Writes may come from any number of event loops and threads. Several writers, in one
+    process or many, may write the same database (SQLite writers queue on a file lock).
+    Create a writer per process after any fork: the thread does not survive one.
+    ``what`` names the record in messages ("issuance record").
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        table: Table,
+        *,
+        what: str,
+        max_batch: int = 256,
+        max_wait: float = 0.002,
+        max_unawaited: int = 100_000,
+        thread_name: str = "meshca-record-writer",
+        prepare: Callable[[Connection, list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must not be negative, not {max_wait}")
+        self._engine = engine
+        self._table = table
+        self._what = what
+        self._gate = write_gate(engine)
+        self._max_batch = max_batch
+        self._max_wait = max_wait
+        self._max_unawaited = max_unawaited
+        self._thread_name = thread_name
+        # Runs inside each write transaction, under the write gate, and returns the rows
+        # to insert (the issuance record assigns leaf indexes here).
+        self._prepare = prepare
+        self._last_batch_size = 0
+        # None is the stop signal; close() queues it after the last accepted row.
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self._unawaited = 0
+        self._written = 0
+        self._failed = 0
+        self._dropped = 0
+
+    @property
+    def counters(self) -> WriterCounters:
+        """Counts for rows queued with ``submit`` (``write`` callers learn their own fate)."""
+        with self._lock:
+            return WriterCounters(self._written, self._failed, self._dropped)
+
+    def start(self) -> None:
+        """Start the writer thread now rather than on the first row.
+
+        Raises ``BackendUnavailable`` after ``close``.
+        """
+        with self._lock:
+            self._check_open()
+            self._start_writer()
+
+    async def write(self, row: dict[str, Any]) -> None:
+        """Return only once ``row`` is durably committed; else raise ``BackendUnavailable``.
+
+        Cancelling the caller does not withdraw a row that is already queued.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        # The lock orders this put before close()'s stop signal, so no row is stranded.
+        with self._lock:
+            self._check_open()
+            self._start_writer()
+            self._queue.put(_Pending(row, loop, future))
+        await future
+
+    def submit(self, row: dict[str, Any]) -> bool:
+        """Queue ``row`` without waiting for it; False if it was dropped (full or closed).
+
+        Failures are logged and counted in ``counters``, never raised.
+        """
+        with self._lock:
+            if self._closed or self._unawaited >= self._max_unawaited:
+                self._dropped += 1
+                return False
+            self._unawaited += 1
+            self._start_writer()
+            self._queue.put(_Pending(row, None, None))
+        return True
+
+    def close(self) -> None:
+        """Write every row already accepted, then stop the writer. Idempotent.
+
+        Blocks until the queue is drained; from a coroutine, prefer ``aclose``. Writes
+        after this raise ``BackendUnavailable``.
+        """
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                if self._writer is not None:
+                    self._queue.put(None)
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
+
+    async def aclose(self) -> None:
+        """``close`` without blocking the event loop."""
+        await asyncio.to_thread(self.close)
+
+    # -- caller side ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendUnavailable(f"the {self._what} is closed; nothing more is written")
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            # A daemon, so a writer that was never closed cannot hang interpreter exit;
+            # its unfinished writes were never confirmed, so nothing was released.
+            self._writer = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+            self._writer.start()
+
+    # -- writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch, stop = self._next_batch()
+            if batch:
+                self._write(batch)
+            if stop:
+                return
+
+    def _next_batch(self) -> tuple[builtins.list[_Pending], bool]:
+        """Block for one row, then gather more until full or ``max_wait`` has passed.
+
+        The wait is only spent under load, judged by the last batch: a lone row commits
+        at once, while concurrent ones keep sharing commits. Returns the batch and whether
+        the stop signal was seen.
+        """
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        wait = self._max_wait if self._last_batch_size > 1 else 0.0
+        deadline = time.monotonic() + wait
+        while len(batch) < self._max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                # Past the deadline, still take whatever is already queued.
+                item = (
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        self._last_batch_size = len(batch)
+        return batch, False
+
+    def _write(self, batch: builtins.list[_Pending]) -> None:
+        try:
+            self._insert(batch)
+        except Exception as error:
+            if len(batch) > 1 and not _is_outage(error):
+                self._write_one_by_one(batch)
+            else:
+                self._fail(batch, error)
+        else:
+            self._settle(batch, None)
+
+    def _write_one_by_one(self, batch: builtins.list[_Pending]) -> None:
+        for index, pending in enumerate(batch):
+            try:
+                self._insert([pending])
+            except Exception as error:
+                if _is_outage(error):
+                    # The database went away meanwhile: fail the rest without waiting on
+                    # it once per row.
+                    self._fail(batch[index:], error)
+                    return
+                self._fail([pending], error)
+            else:
+                self._settle([pending], None)
+
+    def _insert(self, batch: builtins.list[_Pending]) -> None:
+        # One transaction per batch: the commit (and its fsync) is what is shared.
+        with self._gate, self._engine.begin() as connection:
+            rows = [pending.row for pending in batch]
+            if self._prepare is not None:
+                rows = self._prepare(connection, rows)
+            connection.execute(insert(self._table), rows)
+
+    def _fail(self, batch: builtins.list[_Pending], error: Exception) -> None:
+        summary = error_summary(error, secret=self._engine.url.password)
+        log.error("%d %s(s) not committed: %s", len(batch), self._what, summary)
+        what = self._what
+        self._settle(batch, lambda: BackendUnavailable(f"{what} not committed: {summary}"))
+
+    def _settle(
+        self, batch: Iterable[_Pending], make_error: Callable[[], BaseException] | None
+    ) -> None:
+        """Resolve each waiting future on its own loop, with one wake-up per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, builtins.list[_Outcome]] = {}
+        unawaited = 0
+        for pending in batch:
+            if pending.loop is None or pending.future is None:
+                unawaited += 1
+                continue
+            # A fresh exception per caller: a shared one would collect everyone's traceback.
+            error = None if make_error is None else make_error()
+            by_loop.setdefault(pending.loop, []).append((pending.future, error))
+        if unawaited:
+            with self._lock:
+                self._unawaited -= unawaited
+                if make_error is None:
+                    self._written += unawaited
+                else:
+                    self._failed += unawaited
+        for loop, outcomes in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, outcomes)
+            except RuntimeError:
+                # That loop is closed, so no one is waiting for these any more.
+                log.debug("event loop closed before %d write(s) were answered", len(outcomes))
+
+
+def _resolve(outcomes: Iterable[_Outcome]) -> None:
+    for future, error in outcomes:
+        if future.done():  # the caller was cancelled
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def _is_outage(error: BaseException) -> bool:
+    """True if the database itself is unreachable or locked, not just this data refused."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, OperationalError | InterfaceError | PoolTimeoutError)

@@ -1,0 +1,1 @@
+"""Vault (OpenBao) adapters: the shared client, the PKI upstream, transit-held keys."""
