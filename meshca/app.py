@@ -45,16 +45,16 @@ from meshca.adapters.k8s.jwks import JwksAttestor
 from meshca.adapters.k8s.key_source import JwksKeySource
 from meshca.adapters.k8s.token_review import TokenReviewAttestor
 from meshca.adapters.keys.file_store import FileCaStore, new_serial
-from meshca.adapters.keys.log_key import load_or_create_log_key
 from meshca.adapters.keys.files import FileKeyManager, LeaderLock, ca_lock
+from meshca.adapters.keys.log_key import load_or_create_log_key
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
-from meshca.adapters.storage.transparency import SqlTransparencyLog
 from meshca.adapters.storage.decision_log import SqlDecisionLog
 from meshca.adapters.storage.engine import make_engine, redacted_url
 from meshca.adapters.storage.journal import SqlAuthorityJournal
 from meshca.adapters.storage.migrate import SchemaUnknown, prepare_schema
+from meshca.adapters.storage.transparency import SqlTransparencyLog
 from meshca.adapters.vault.client import VaultAuth, VaultClient
 from meshca.adapters.vault.transit_key import TransitKeyManager
 from meshca.adapters.vault.upstream import VaultUpstream

@@ -123,6 +123,8 @@ def _when(at: datetime, now: datetime) -> str:
     if delta <= timedelta(0):
         return "now"
     seconds = int(delta.total_seconds())
+    if seconds < 60:
+        return f"in {seconds}s"
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes = rest // 60
