@@ -24,7 +24,7 @@ TARGET = MIGRATIONS / "versions" / "0001_initial.py"
 MESSAGE = "initial schema"
 
 # The log's one state row: the next leaf index and the retention mark start at 0.
-STATE_ROW = '''
+STATE_ROW = """
     op.bulk_insert(
         sa.table(
             "log_state",
@@ -34,7 +34,7 @@ STATE_ROW = '''
         ),
         [{"id": 1, "tree_size": 0, "pruned_below": 0}],
     )
-'''
+"""
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sqlite3
@@ -47,8 +48,10 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
 
 def _csr() -> tuple[ec.EllipticCurvePrivateKey, str]:
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
-        key, hashes.SHA256()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
     )
     return key, csr.public_bytes(serialization.Encoding.PEM).decode()
 
@@ -80,7 +83,9 @@ def _audit_channel(
     )
 
 
-async def _list(channel: grpc.aio.Channel, token: str | None = None) -> audit_pb2.ListRecordsResponse:
+async def _list(
+    channel: grpc.aio.Channel, token: str | None = None
+) -> audit_pb2.ListRecordsResponse:
     metadata = [("authorization", f"Bearer {token}")] if token is not None else []
     stub = audit_pb2_grpc.AuditServiceStub(channel)
     return await stub.ListIssuances(audit_pb2.ListRecordsRequest(), metadata=metadata, timeout=10)
@@ -149,11 +154,16 @@ async def test_inclusion_proof_of_an_issued_certificate(server: RunningServer) -
     assert all(e.record.outcome == audit_pb2.OUTCOME_REFUSED for e in refusals.entries)
 
 
-def _cli(*args: str) -> tuple[int, str, str]:
+def _run_cli(*args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
         code = meshca_main(list(args))
     return code, out.getvalue(), err.getvalue()
+
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    # In a thread: the server under test runs on this event loop.
+    return await asyncio.to_thread(_run_cli, *args)
 
 
 async def test_cli_queries_and_verifies_locally_and_over_the_api(
@@ -177,28 +187,28 @@ async def test_cli_queries_and_verifies_locally_and_over_the_api(
     local = ["--data-dir", data_dir]
 
     for source in (local, remote):
-        code, out, err = _cli(
+        code, out, err = await _cli(
             "audit", "query", *source, "--namespace", "shop", "--format", "csv", "--limit", "0"
         )
         assert code == 0, err
         lines = out.splitlines()
         assert lines[0].startswith("leaf_index,time,outcome")
         assert {s for s in serials if any(s in line for line in lines)} == set(serials)
-        code, out, err = _cli("audit", "show", *source, serials[1], "--format", "json")
+        code, out, err = await _cli("audit", "show", *source, serials[1], "--format", "json")
         assert code == 0, err
         assert json.loads(out)["spiffe_id"] == "spiffe://example.org/ns/shop/sa/web"
-        code, out, err = _cli("audit", "verify", *source, "--serial", serials[0])
+        code, out, err = await _cli("audit", "verify", *source, "--serial", serials[0])
         assert code == 0, out + err
         assert "is in the tree head" in out
-        code, out, err = _cli("audit", "verify", *source)
+        code, out, err = await _cli("audit", "verify", *source)
         assert code == 0, out + err
 
     # Keep two heads; the second must extend the first.
     head1, head2 = str(tmp_path / "h1.json"), str(tmp_path / "h2.json")
-    assert _cli("audit", "head", *remote, "--fresh", "--out", head1)[0] == 0
+    assert (await _cli("audit", "head", *remote, "--fresh", "--out", head1))[0] == 0
     await _issue(server, "ops", "x")
-    assert _cli("audit", "head", *local, "--fresh", "--out", head2)[0] == 0
-    code, out, err = _cli(
+    assert (await _cli("audit", "head", *local, "--fresh", "--out", head2))[0] == 0
+    code, out, err = await _cli(
         "audit", "verify", *remote, "--consistency", "--head", head1, "--head", head2
     )
     assert code == 0, out + err
@@ -215,9 +225,9 @@ async def test_cli_queries_and_verifies_locally_and_over_the_api(
             "SELECT leaf_index FROM issuance_record WHERE serial = ?", (serials[1],)
         ).fetchone()
     db.close()
-    code, out, _ = _cli("audit", "verify", *local)
+    code, out, _ = await _cli("audit", "verify", *local)
     assert code == 1
     assert f"FAIL  leaf {index} (serial {serials[1]}" in out
-    code, out, _ = _cli("audit", "verify", *remote, "--head", head2)
+    code, out, _ = await _cli("audit", "verify", *remote, "--head", head2)
     assert code == 1
     assert "do not hash to the root" in out

@@ -130,9 +130,7 @@ class SqlAuditReader:
 
     def leaves(self, start: int, limit: int) -> Sequence[LogEntry]:
         """Up to ``limit`` stored entries from leaf ``start`` on, in leaf order."""
-        statement = (
-            select(_R).where(_R.leaf_index >= start).order_by(_R.leaf_index).limit(limit)
-        )
+        statement = select(_R).where(_R.leaf_index >= start).order_by(_R.leaf_index).limit(limit)
         return tuple(_entry(row) for row in self._rows(statement))
 
     def leaf_hash(self, leaf_index: int) -> bytes | None:

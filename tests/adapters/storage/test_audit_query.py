@@ -15,13 +15,7 @@ from meshca.adapters.storage.audit_query import SqlAuditReader, prefix_successor
 from meshca.adapters.storage.tables import IssuanceRecordRow
 from meshca.core.audit import AuditQuery, AuditRecord, LogEntry, Outcome
 from meshca.core.errors import InvalidRequest
-from tests.adapters.storage.log_fixtures import (  # noqa: F401 (fixtures)
-    T0,
-    TRUST_DOMAIN,
-    database_url,
-    engine,
-    make_record,
-)
+from tests.adapters.storage.log_fixtures import T0, TRUST_DOMAIN, make_record
 
 COUNT = 60
 
@@ -171,7 +165,9 @@ def test_hostile_values_are_bound_never_patterns(engine: Engine) -> None:
             AuditQuery(api=value),
         ):
             assert [e.record.spiffe_id for e in reader.query(query).entries] == [value]
-        by_prefix = {e.record.spiffe_id for e in reader.query(AuditQuery(spiffe_id_prefix=value)).entries}
+        by_prefix = {
+            e.record.spiffe_id for e in reader.query(AuditQuery(spiffe_id_prefix=value)).entries
+        }
         assert by_prefix == {v for v in values if v.startswith(value)}
     assert inspect(engine).has_table("issuance_record")
     with engine.connect() as connection:

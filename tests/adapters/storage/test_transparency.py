@@ -19,12 +19,7 @@ from meshca.core.audit import entry_leaf_data
 from meshca.core.errors import InvalidRequest
 from meshca.core.log_audit import FindingKind
 from meshca.core.merkle import leaf_hash, verify_consistency, verify_inclusion
-from tests.adapters.storage.log_fixtures import (  # noqa: F401 (fixtures)
-    T0,
-    database_url,
-    engine,
-    make_record,
-)
+from tests.adapters.storage.log_fixtures import T0, make_record
 from tests.adapters.storage.test_audit_query import append_all
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -134,7 +129,10 @@ def _tamper(engine: Engine, statement: str) -> None:
             id="no-op-update",
         ),
         pytest.param(
-            "DELETE FROM issuance_record WHERE leaf_index = 40", FindingKind.MISSING, 40, id="deleted"
+            "DELETE FROM issuance_record WHERE leaf_index = 40",
+            FindingKind.MISSING,
+            40,
+            id="deleted",
         ),
         pytest.param(
             "DELETE FROM issuance_record WHERE leaf_index >= 60", FindingKind.MISSING, 60, id="tail"
