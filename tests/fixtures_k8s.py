@@ -661,10 +661,12 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._status(400, "BadRequest", "the request body is not JSON")
             return
+        # Like kube-apiserver, a body without kind/apiVersion takes them from the URL
+        # (client-go's typed clients send none); wrong ones are refused.
         if (
             not isinstance(request, dict)
-            or request.get("kind") != "TokenReview"
-            or request.get("apiVersion") != "authentication.k8s.io/v1"
+            or request.get("kind", "TokenReview") != "TokenReview"
+            or request.get("apiVersion", "authentication.k8s.io/v1") != "authentication.k8s.io/v1"
             or not isinstance(request.get("spec"), dict)
         ):
             self._status(400, "BadRequest", "expected an authentication.k8s.io/v1 TokenReview")

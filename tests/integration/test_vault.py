@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from contextlib import redirect_stdout
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from meshca.cli.ca_cmd import load_bundle
 from meshca.core.authority import build_root
 from meshca.core.errors import BackendUnavailable
 from tests.core.builders import NOW, TRUST_DOMAIN, csr_pem
+from tests.fixtures_k8s import K8sApiStandIn
 from tests.fixtures_vault import OpenBao, vault_overrides
 from tests.integration.server_harness import RunningServer, running_server
 
@@ -317,3 +318,62 @@ def test_transit_key_refuses_to_reveal_itself(openbao: OpenBao, tmp_path: Path) 
     assert key_ref in TransitKeyManager(client, "transit-reveal", "meshca-t").listed()
     TransitKeyManager(client, "transit-reveal", "meshca-t").delete(key_ref)
     assert key_ref not in TransitKeyManager(client, "transit-reveal", "meshca-t").listed()
+
+
+def test_kubernetes_login_through_the_api_servers_token_review(
+    openbao: OpenBao, k8s_api_tls: K8sApiStandIn, tmp_path: Path
+) -> None:
+    """meshca logs in with its service-account token; Vault asks the API server about it."""
+    api = k8s_api_tls
+    api.clock._now = datetime.now(UTC).replace(microsecond=0)  # Vault checks with its own clock
+    mount = "kubernetes-meshca"
+    openbao.call("POST", f"sys/auth/{mount}", {"type": "kubernetes"})
+    openbao.call(
+        "POST",
+        f"auth/{mount}/config",
+        {
+            "kubernetes_host": api.url,
+            "kubernetes_ca_cert": Path(api.ca_file or "").read_text(),
+            "token_reviewer_jwt": api.caller_token,
+            "disable_local_ca_jwt": True,
+        },
+    )
+    openbao.call(
+        "POST",
+        f"auth/{mount}/role/meshca",
+        {
+            "bound_service_account_names": ["meshca"],
+            "bound_service_account_namespaces": ["meshca"],
+            "audience": "vault",
+            "token_policies": ["meshca-transit-k8s"],
+            "token_ttl": "60s",
+        },
+    )
+    openbao.call(
+        "POST",
+        "sys/policies/acl/meshca-transit-k8s",
+        {"policy": 'path "transit-k8s/*" { capabilities = ["create", "read", "update"] }'},
+    )
+    openbao.new_transit("transit-k8s")
+    jwt_file = tmp_path / "token"
+    jwt_file.write_text(
+        api.minter.token(namespace="meshca", service_account="meshca", aud=["vault"])
+    )
+    client = VaultClient(
+        openbao.addr, VaultAuth(method="kubernetes", role="meshca", jwt_file=jwt_file, mount=mount)
+    )
+    keys = TransitKeyManager(client, "transit-k8s", prefix="meshca-k8s")
+    _ref, key = keys.create("root")
+    root = build_root(key, TRUST_DOMAIN, NOW, timedelta(days=1), 1 << 100)
+    root.verify_directly_issued_by(root)  # signed through transit with the Kubernetes login
+    [review] = api.review_requests
+    assert review["spec"]["audiences"] == ["vault"]
+
+    # A token for another service account is refused by Vault: meshca reports it.
+    jwt_file.write_text(api.minter.token(namespace="shop", service_account="cart", aud=["vault"]))
+    stranger = VaultClient(
+        openbao.addr, VaultAuth(method="kubernetes", role="meshca", jwt_file=jwt_file, mount=mount)
+    )
+    with pytest.raises(BackendUnavailable) as refused:
+        TransitKeyManager(stranger, "transit-k8s", prefix="meshca-k8s").load(_ref)
+    assert "denied" in str(refused.value) or "not authorized" in str(refused.value), refused.value
