@@ -60,7 +60,7 @@ from meshca.adapters.vault.transit_key import TransitKeyManager
 from meshca.adapters.vault.upstream import VaultUpstream
 from meshca.config import ConfigError, Settings
 from meshca.core.audit import AuditRecord, Outcome
-from meshca.core.authority import Authority
+from meshca.core.authority import Authority, trust_domain_ids
 from meshca.core.csr import CsrRequest
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, Clock, KeyManager
@@ -161,15 +161,12 @@ def bootstrap_authorities(authorities: AuthorityService, settings: Settings, clo
 
 
 def _check_root_domain(root: x509.Certificate, trust_domain: TrustDomain) -> None:
-    try:
-        sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return  # an imported organisation root need not name a trust domain
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    if any(u.startswith("spiffe://") for u in uris) and trust_domain.id not in uris:
+    # An imported organisation root need not name a trust domain; ours always do.
+    named = trust_domain_ids(root)
+    if named and trust_domain.id not in named:
         raise ConfigError(
             f"the CA in {trust_domain.id}'s data directory belongs to another trust domain "
-            f"({', '.join(uris)}); use a fresh --data-dir for {trust_domain.id}"
+            f"({', '.join(named)}); use a fresh --data-dir for {trust_domain.id}"
         )
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -109,13 +111,25 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags)
 
 
-def _service(settings: Settings) -> tuple[Any, Any]:
+@contextmanager
+def _authorities(settings: Settings) -> Iterator[Any]:
+    """The authority service over the configured database, disposed of afterwards."""
     from meshca import app
     from meshca.adapters.clock import SystemClock
     from meshca.adapters.storage.engine import make_engine
 
     engine = make_engine(settings.effective_database_url)
-    return app.build_authorities(settings, engine, SystemClock()), engine
+    try:
+        yield app.build_authorities(settings, engine, SystemClock())
+    finally:
+        engine.dispose()
+
+
+def _failed(error: MeshcaError) -> int:
+    """Say why a command could not act; an unsafe move is a refusal, not a failure."""
+    prefix = "refused: " if isinstance(error, UnsafeChange) else ""
+    print(f"meshca: {prefix}{error.message}", file=sys.stderr)
+    return 1
 
 
 def _when(at: datetime, now: datetime) -> str:
@@ -196,13 +210,11 @@ def _status(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not args.database_url and not (settings.data_dir / "meshca.db").exists():
         return _no_ca(settings.data_dir)
-    service, engine = _service(settings)
-    try:
+    with _authorities(settings) as service:
         try:
             view = service.refresh()
         except MeshcaError as error:
-            print(f"meshca: {error.message}", file=sys.stderr)
-            return 1
+            return _failed(error)
         if not view.authorities.entries:
             return _no_ca(settings.data_dir)
         now = _now()
@@ -214,8 +226,6 @@ def _status(args: argparse.Namespace) -> int:
             vault = _vault_health(settings)
             if vault:
                 print(vault)
-    finally:
-        engine.dispose()
     return 0
 
 
@@ -271,32 +281,28 @@ def _sha256() -> Any:
 
 def _rotate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    service, engine = _service(settings)
-    try:
-        service.refresh()
-        if not service.view.authorities.entries:
-            return _no_ca(settings.data_dir)
-        if args.root:
-            reports = service.rotate_root(now=args.now)
-        else:
-            reports = service.rotate_intermediate()
-        for report in reports:
-            print(f"{report.step}: {', '.join(report.entries)} ({report.seconds * 1000:.0f} ms)")
-        view = service.view
-        activate = service.rotation(view.authorities).root_activate_at(_now())
-        if args.root and view.authorities.prepared_root is not None and activate is not None:
-            print(
-                f"root {view.authorities.prepared_root.id} is in the trust bundle and takes "
-                f"over at {_stamp(activate)} ({_when(activate, _now())})"
-            )
-    except UnsafeChange as error:
-        print(f"meshca: refused: {error.message}", file=sys.stderr)
-        return 1
-    except MeshcaError as error:
-        print(f"meshca: {error.message}", file=sys.stderr)
-        return 1
-    finally:
-        engine.dispose()
+    with _authorities(settings) as service:
+        try:
+            service.refresh()
+            if not service.view.authorities.entries:
+                return _no_ca(settings.data_dir)
+            if args.root:
+                reports = service.rotate_root(now=args.now)
+            else:
+                reports = service.rotate_intermediate()
+            for report in reports:
+                print(
+                    f"{report.step}: {', '.join(report.entries)} ({report.seconds * 1000:.0f} ms)"
+                )
+            view = service.view
+            activate = service.rotation(view.authorities).root_activate_at(_now())
+            if args.root and view.authorities.prepared_root is not None and activate is not None:
+                print(
+                    f"root {view.authorities.prepared_root.id} is in the trust bundle and takes "
+                    f"over at {_stamp(activate)} ({_when(activate, _now())})"
+                )
+        except MeshcaError as error:
+            return _failed(error)
     return 0
 
 
@@ -326,25 +332,21 @@ def _import(args: argparse.Namespace) -> int:
     if not isinstance(key, SignerKey):
         print("meshca: refused: the key must be ECDSA, RSA or Ed25519", file=sys.stderr)
         return 1
-    service, engine = _service(settings)
-    try:
-        service.refresh()
-        entries = service.import_authority(
-            certificates, key, FileKeyManager(settings.data_dir / "ca")
-        )
-        for entry in entries:
-            print(f"imported {entry.kind} {entry.id} ({entry.state})")
-        plan = service.rotation().plan(_now())
-        for step in plan[:3]:
-            print(f"next: {_stamp(step.at)} ({_when(step.at, _now())}) {step.step}: {step.reason}")
-    except UnsafeChange as error:
-        print(f"meshca: refused: {error.message}", file=sys.stderr)
-        return 1
-    except MeshcaError as error:
-        print(f"meshca: {error.message}", file=sys.stderr)
-        return 1
-    finally:
-        engine.dispose()
+    with _authorities(settings) as service:
+        try:
+            service.refresh()
+            entries = service.import_authority(
+                certificates, key, FileKeyManager(settings.data_dir / "ca")
+            )
+            for entry in entries:
+                print(f"imported {entry.kind} {entry.id} ({entry.state})")
+            plan = service.rotation().plan(_now())
+            for step in plan[:3]:
+                print(
+                    f"next: {_stamp(step.at)} ({_when(step.at, _now())}) {step.step}: {step.reason}"
+                )
+        except MeshcaError as error:
+            return _failed(error)
     return 0
 
 

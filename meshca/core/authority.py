@@ -26,9 +26,23 @@ __all__ = [
     "build_intermediate",
     "build_root",
     "hash_for",
+    "trust_domain_ids",
 ]
 
 SignerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+
+
+def trust_domain_ids(cert: x509.Certificate) -> list[str]:
+    """The ``spiffe://`` URIs a CA certificate names (none for most organisation roots)."""
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        u
+        for u in names.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("spiffe://")
+    ]
 
 
 def hash_for(key: SignerKey) -> hashes.SHA256 | hashes.SHA384 | None:

@@ -31,6 +31,7 @@ from meshca.core.authority import (
     build_intermediate,
     build_root,
     hash_for,
+    trust_domain_ids,
 )
 from meshca.core.errors import AuthorityNotReady, MeshcaError, UnsafeChange
 from meshca.core.ports import (
@@ -690,11 +691,6 @@ def _check_importable(
             f"the certificate ends at {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%SZ}, too soon "
             f"to issue certificates of up to {policy.max_svid_ttl} for long"
         )
-    try:
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = names.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    others = [u for u in uris if u.startswith("spiffe://") and u != trust_domain.id]
+    others = [u for u in trust_domain_ids(cert) if u != trust_domain.id]
     if others:
         raise UnsafeChange(f"the certificate belongs to another trust domain ({others[0]})")

@@ -24,7 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshca.core.authority import Authority, SignerKey, build_intermediate, build_root
+from meshca.core.authority import (
+    Authority,
+    SignerKey,
+    build_intermediate,
+    build_root,
+    trust_domain_ids,
+)
 from meshca.core.rotation import (
     AuthorityEntry,
     AuthorityKind,
@@ -103,14 +109,7 @@ class FileCaStore:
                 self._create_root(trust_domain, now, root_ttl)
             root = x509.load_pem_x509_certificate(self.root_path.read_bytes())
             root_key = self._load_key(self._root_key_path)
-            expected = x509.UniformResourceIdentifier(trust_domain.id)
-            sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            if expected not in sans:
-                raise ValueError(
-                    f"the CA in {self.directory} belongs to another trust domain "
-                    f"({', '.join(sans.get_values_for_type(x509.UniformResourceIdentifier))}); "
-                    f"use a fresh --data-dir for {trust_domain.id}"
-                )
+            self._check_trust_domain(root, trust_domain)
             if self._intermediate_needs_renewal(now):
                 self._create_intermediate(root, root_key, trust_domain, now, intermediate_ttl)
             intermediate = x509.load_pem_x509_certificate(self.intermediate_path.read_bytes())
@@ -165,13 +164,11 @@ class FileCaStore:
         return entries
 
     def _check_trust_domain(self, root: x509.Certificate, trust_domain: TrustDomain) -> None:
-        expected = x509.UniformResourceIdentifier(trust_domain.id)
-        sans = root.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        if expected not in sans:
+        named = trust_domain_ids(root)
+        if trust_domain.id not in named:
             raise ValueError(
                 f"the CA in {self.directory} belongs to another trust domain "
-                f"({', '.join(sans.get_values_for_type(x509.UniformResourceIdentifier))}); "
-                f"use a fresh --data-dir for {trust_domain.id}"
+                f"({', '.join(named)}); use a fresh --data-dir for {trust_domain.id}"
             )
 
     @contextmanager
