@@ -476,7 +476,9 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
             max_ttl=settings.max_svid_ttl,
         ),
         new_serial=new_serial,
-        offload=offload,
+        # Transit signs over the network: keep that off the event loop. Local keys sign
+        # in microseconds, and a worker process owns its core anyway.
+        offload=offload if settings.vault_transit else None,
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)

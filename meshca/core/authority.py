@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from meshca.core.leaf_der import LeafTemplate
 from meshca.core.spiffe import TrustDomain
 
 __all__ = [
@@ -88,11 +89,44 @@ class Authority:
     def signature_hash(self) -> hashes.SHA256 | hashes.SHA384 | None:
         return hash_for(self.signer)
 
+    @cached_property
+    def subject_der(self) -> bytes:
+        """The issuer name of every certificate this authority signs, DER."""
+        return self.certificate.subject.public_bytes()
+
+    @cached_property
+    def leaf_template(self) -> LeafTemplate | None:
+        """The DER template of this authority's leaves; None for a key it does not cover."""
+        return LeafTemplate.for_issuer(
+            self.signer, self.signature_hash, self.subject_der, self.key_identifier.public_bytes()
+        )
+
+    @cached_property
+    def anchor(self) -> x509.Certificate | None:
+        """The root that ``chain`` ends under (the first root when none names it)."""
+        top = self.chain[-1] if self.chain else self.certificate
+        named = [r for r in self.roots if r.subject == top.issuer]
+        candidates = named or list(self.roots)
+        return candidates[0] if candidates else None
+
+    @cached_property
+    def chain_pems(self) -> tuple[str, ...]:
+        """PEM of the issuer and its intermediates up to the root, issuer first."""
+        return tuple(c.public_bytes(Encoding.PEM).decode() for c in (self.certificate, *self.chain))
+
+    @cached_property
+    def roots_pems(self) -> tuple[str, ...]:
+        return tuple(c.public_bytes(Encoding.PEM).decode() for c in self.roots)
+
+    @cached_property
+    def anchor_pem(self) -> str | None:
+        return None if self.anchor is None else self.anchor.public_bytes(Encoding.PEM).decode()
+
     def chain_pem(self) -> list[str]:
-        return [c.public_bytes(Encoding.PEM).decode() for c in (self.certificate, *self.chain)]
+        return list(self.chain_pems)
 
     def roots_pem(self) -> list[str]:
-        return [c.public_bytes(Encoding.PEM).decode() for c in self.roots]
+        return list(self.roots_pems)
 
 
 def authority_key_identifier(

@@ -3,6 +3,9 @@
 Every request, issued or refused, leaves one ``AuditRecord``. A certificate is returned
 only after its record is durably committed; if the record cannot be written, the caller
 gets ``BackendUnavailable`` and no certificate.
+
+Leaves are made as DER from the issuer's template and checked by ``svid_rules`` on those
+very bytes; nothing on this path builds an ``x509.Certificate`` object.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority
@@ -27,7 +29,8 @@ from meshca.core.errors import (
     RequestTooLarge,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
-from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf, leaf_lifetime
+from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
+from meshca.core.leaf_der import certificate_pem
 from meshca.core.ports import Attestor, AuditLog, Clock
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
@@ -52,19 +55,37 @@ class SignRequest:
 
 @dataclass(frozen=True, slots=True)
 class SignedCertificate:
-    """A leaf with the chain to present after it and the roots to verify it against."""
+    """A leaf (DER) with the chain to present after it and the roots to verify it against."""
 
-    leaf: x509.Certificate
-    intermediates: tuple[x509.Certificate, ...]
-    roots: tuple[x509.Certificate, ...]
+    leaf_der: bytes
+    serial: int
+    not_before: datetime
+    not_after: datetime
     spiffe_id: SpiffeId
+    authority: Authority
 
     @property
-    def not_after(self) -> datetime:
-        return self.leaf.not_valid_after_utc
+    def leaf(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.leaf_der)
+
+    @property
+    def intermediates(self) -> tuple[x509.Certificate, ...]:
+        return (self.authority.certificate, *self.authority.chain)
+
+    @property
+    def roots(self) -> tuple[x509.Certificate, ...]:
+        return self.authority.roots
 
     def leaf_pem(self) -> str:
-        return self.leaf.public_bytes(Encoding.PEM).decode()
+        return certificate_pem(self.leaf_der)
+
+
+@dataclass(frozen=True, slots=True)
+class _Issued:
+    csr: CsrRequest
+    leaf_der: bytes
+    not_before: datetime
+    not_after: datetime
 
 
 def serial_hex(serial: int) -> str:
@@ -84,7 +105,7 @@ class CertificateService:
         clock: Clock,
         policy: IssuancePolicy,
         new_serial: Callable[[], int],
-        offload: Callable[[Callable[[], Any]], Awaitable[Any]],
+        offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
@@ -93,7 +114,8 @@ class CertificateService:
         self._clock = clock
         self._policy = policy
         self._new_serial = new_serial
-        # CPU-heavy crypto runs here, keeping the event loop free to take requests.
+        # Where signing runs when it may block (a remote key, as Vault's Transit); None
+        # signs in the caller, as a local key takes microseconds and a worker owns a core.
         self._offload = offload
 
     async def sign(self, request: SignRequest) -> SignedCertificate:
@@ -106,9 +128,12 @@ class CertificateService:
             context.spiffe_id = spiffe_id
             authority = self._authority()
             serial = self._new_serial()
-            csr, leaf = await self._offload(
-                lambda: self._issue(request, spiffe_id, authority, now, serial)
-            )
+            if self._offload is None:
+                issued = self._issue(request, spiffe_id, authority, now, serial)
+            else:
+                issued = await self._offload(
+                    lambda: self._issue(request, spiffe_id, authority, now, serial)
+                )
         except MeshcaError as error:
             await self._record_refusal(request, now, context, error)
             raise
@@ -124,12 +149,12 @@ class CertificateService:
             api=request.api,
             reason="ok",
             spiffe_id=str(spiffe_id),
-            serial=serial_hex(leaf.serial_number),
-            fingerprint_sha256=hashlib.sha256(leaf.public_bytes(Encoding.DER)).hexdigest(),
-            not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc,
+            serial=serial_hex(serial),
+            fingerprint_sha256=hashlib.sha256(issued.leaf_der).hexdigest(),
+            not_before=issued.not_before,
+            not_after=issued.not_after,
             peer=request.peer,
-            csr_sha256=csr.sha256,
+            csr_sha256=issued.csr.sha256,
             **_identity_fields(identity),
         )
         try:
@@ -139,10 +164,12 @@ class CertificateService:
             log.error("issuance record not committed; withholding certificate %s", record.serial)
             raise
         return SignedCertificate(
-            leaf=leaf,
-            intermediates=(authority.certificate, *authority.chain),
-            roots=authority.roots,
+            leaf_der=issued.leaf_der,
+            serial=serial,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
             spiffe_id=spiffe_id,
+            authority=authority,
         )
 
     async def _attest(self, token: str | None) -> KubernetesIdentity:
@@ -165,13 +192,15 @@ class CertificateService:
         authority: Authority,
         now: datetime,
         serial: int,
-    ) -> tuple[CsrRequest, x509.Certificate]:
+    ) -> _Issued:
         csr = parse_csr(request.csr)
         authorize_csr(csr, spiffe_id)
         not_before, not_after = leaf_lifetime(now, request.requested_ttl, self._policy, authority)
-        leaf = issue_leaf(csr, spiffe_id, authority, not_before, not_after, serial)
-        check_leaf_svid(leaf, spiffe_id, authority)
-        return csr, leaf
+        # The certificate holds whole seconds; the record says what the certificate says.
+        not_before, not_after = not_before.replace(microsecond=0), not_after.replace(microsecond=0)
+        leaf_der = issue_leaf_der(csr, spiffe_id, authority, not_before, not_after, serial)
+        check_leaf_svid(leaf_der, spiffe_id, authority)
+        return _Issued(csr, leaf_der, not_before, not_after)
 
     async def _record_refusal(
         self, request: SignRequest, now: datetime, context: _RefusalContext, error: MeshcaError

@@ -7,7 +7,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshca.core.csr import parse_csr
 from meshca.core.errors import InternalError, IssuedCertificateInvalid
@@ -292,3 +295,34 @@ def test_every_problem_is_reported(pki: Pki) -> None:
         check_leaf_svid(leaf, WORKLOAD_ID, pki.authority)
     for problem in ("CA:false", "keyUsage", "extendedKeyUsage", "URI SAN", "serial"):
         assert problem in caught.value.message
+
+
+@given(index=st.integers(min_value=0), mask=st.integers(min_value=1, max_value=255))
+@settings(max_examples=300, deadline=None)
+def test_corrupted_der_is_refused_or_still_valid(pki: Pki, index: int, mask: int) -> None:
+    """Any byte of an issued leaf flipped: the check passes it or refuses it, nothing else."""
+    leaf = bytearray(custom_leaf(pki.authority).public_bytes(Encoding.DER))
+    leaf[index % len(leaf)] ^= mask
+    try:
+        check_leaf_svid(bytes(leaf), WORKLOAD_ID, pki.authority)
+    except IssuedCertificateInvalid:
+        pass
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="fail/empty"),
+        pytest.param(b"\x30\x00", id="fail/empty-sequence"),
+        pytest.param(b"\x30\x03\x02\x01\x01", id="fail/no-tbs"),
+    ],
+)
+def test_non_certificates_are_refused(pki: Pki, data: bytes) -> None:
+    with pytest.raises(IssuedCertificateInvalid, match="not a DER certificate"):
+        check_leaf_svid(data, WORKLOAD_ID, pki.authority)
+
+
+def test_truncated_leaf_is_refused(pki: Pki) -> None:
+    leaf = custom_leaf(pki.authority).public_bytes(Encoding.DER)
+    with pytest.raises(IssuedCertificateInvalid, match="not a DER certificate"):
+        check_leaf_svid(leaf[:-1], WORKLOAD_ID, pki.authority)

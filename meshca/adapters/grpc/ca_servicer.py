@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any, TypeAlias
 
-from cryptography.hazmat.primitives.serialization import Encoding
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
@@ -38,16 +36,6 @@ def _bundle_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
     )
 
 
-@functools.lru_cache(maxsize=32)
-def _ca_pem(cert: Any) -> str:
-    """The PEM of a CA certificate: the same few on every response, so encoded once."""
-    return _pem(cert)
-
-
-def _pem(cert: Any) -> str:
-    return str(cert.public_bytes(Encoding.PEM).decode())
-
-
 class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
     def __init__(self, ca: CertificateService, bundle: TrustBundleService) -> None:
         self._ca = ca
@@ -67,11 +55,11 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
         expires.FromDatetime(signed.not_after)
         return ca_pb2.SignResponse(
             certificate=signed.leaf_pem(),
-            intermediates=[_ca_pem(c) for c in signed.intermediates],
-            bundle=[_ca_pem(c) for c in signed.roots],
+            intermediates=signed.authority.chain_pems,
+            bundle=signed.authority.roots_pems,
             expires_at=expires,
             spiffe_id=str(signed.spiffe_id),
-            serial=serial_hex(signed.leaf.serial_number),
+            serial=serial_hex(signed.serial),
         )
 
     async def GetTrustBundle(
@@ -111,6 +99,6 @@ class IstioCertificateServicer(istio_grpc.IstioCertificateServiceServicer):
 
 def istio_chain(signed: SignedCertificate) -> list[str]:
     """Leaf, intermediates, then the root that anchors them, each PEM ending in a newline."""
-    top = signed.intermediates[-1] if signed.intermediates else signed.leaf
-    anchor = [r for r in signed.roots if r.subject == top.issuer] or list(signed.roots[:1])
-    return [signed.leaf_pem()] + [_ca_pem(c) for c in (*signed.intermediates, *anchor[:1])]
+    authority = signed.authority
+    anchor = () if authority.anchor_pem is None else (authority.anchor_pem,)
+    return [signed.leaf_pem(), *authority.chain_pems, *anchor]

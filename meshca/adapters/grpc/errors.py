@@ -1,8 +1,10 @@
-"""The single mapping from meshca errors to gRPC status codes, applied by one interceptor."""
+"""The single mapping from meshca errors to gRPC status codes, applied to every servicer."""
 
 from __future__ import annotations
 
+import inspect
 import logging
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,7 +13,7 @@ import grpc
 
 from meshca.core import errors
 
-__all__ = ["ErrorMappingInterceptor", "status_for"]
+__all__ = ["error_mapped", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -72,27 +74,23 @@ def _wrap_stream(
     return wrapped
 
 
-class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
-    """Turns a MeshcaError raised by any servicer into its gRPC status."""
+def error_mapped(servicer: object) -> Any:
+    """An object with ``servicer``'s RPC methods, each turning a raised error into its status.
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    Pass it to the generated ``add_..._to_server``, which only looks the methods up. The
+    wrapping happens once, at registration: an interceptor would wrap the handler again
+    on every call, on the issuance hot path. Unary methods (coroutine functions) and
+    server-streaming ones (async generators) are wrapped; anything else, such as a
+    generated base class's UNIMPLEMENTED default, is passed through as it is.
+    """
+    mapped = types.SimpleNamespace()
+    for name in dir(servicer):
+        if name.startswith("_"):
+            continue
+        method = getattr(servicer, name)
+        if inspect.isasyncgenfunction(method):
+            method = _wrap_stream(method)
+        elif inspect.iscoroutinefunction(method):
+            method = _wrap_unary(method)
+        setattr(mapped, name, method)
+    return mapped

@@ -23,6 +23,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from meshca.adapters.grpc.errors import error_mapped
 from meshca.core.policy import AuthzRequest, Decision
 from meshca.service.authz import AuthorizationService
 
@@ -144,4 +145,6 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
 
 
 def add_to_server(authz: AuthorizationService, server: Any) -> None:
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(ExtAuthzServicer(authz), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        error_mapped(ExtAuthzServicer(authz)), server
+    )

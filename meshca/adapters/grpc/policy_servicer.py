@@ -9,6 +9,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from meshca.adapters.grpc._gen.meshca.v1 import policy_pb2, policy_pb2_grpc
+from meshca.adapters.grpc.errors import error_mapped
 from meshca.core.policy import AuthzRequest, Decision, PolicyRef
 from meshca.service.authz import AuthorizationService
 
@@ -119,5 +120,5 @@ def add_to_server(
     record_counters: Callable[[], tuple[int, int]] | None = None,
 ) -> None:
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-        PolicyServicer(authz, record_counters), server
+        error_mapped(PolicyServicer(authz, record_counters)), server
     )

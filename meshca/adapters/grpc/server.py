@@ -16,7 +16,7 @@ from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from meshca.adapters.grpc.ca_servicer import CertificateServicer, IstioCertificateServicer
-from meshca.adapters.grpc.errors import ErrorMappingInterceptor
+from meshca.adapters.grpc.errors import error_mapped
 from meshca.service.authz import AuthorizationService
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService
@@ -86,7 +86,6 @@ def build_server(
     (``record_counters``: the decision log's failed and dropped counts).
     """
     server = grpc.aio.server(
-        interceptors=[ErrorMappingInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
@@ -94,13 +93,18 @@ def build_server(
             ("grpc.so_reuseport", 1),
         ],
     )
-    ca_pb2_grpc.add_CertificateServiceServicer_to_server(CertificateServicer(ca, bundle), server)
-    istio_grpc.add_IstioCertificateServiceServicer_to_server(IstioCertificateServicer(ca), server)
+    # Every servicer of ours reports errors through the one table in errors.py.
+    ca_pb2_grpc.add_CertificateServiceServicer_to_server(
+        error_mapped(CertificateServicer(ca, bundle)), server
+    )
+    istio_grpc.add_IstioCertificateServiceServicer_to_server(
+        error_mapped(IstioCertificateServicer(ca)), server
+    )
     if authz is not None:
         ext_authz.add_to_server(authz, server)
         policy_servicer.add_to_server(authz, server, record_counters)
     if audit is not None:
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(audit, server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(error_mapped(audit), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
