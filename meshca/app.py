@@ -1,21 +1,21 @@
 """The composition root: Settings -> adapters -> services -> server processes.
 
 This is the one module that knows every concrete adapter. ``serve`` runs one worker
-process per core on one port (SO_REUSEPORT): Python signs on one core per process.
+process per core on one port (``adapters.worker_pool``): Python signs on one core per
+process, and the supervisor commits every worker's issuance records.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
-import multiprocessing
-import multiprocessing.connection
 import random
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,18 +52,22 @@ from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.decision_log import SqlDecisionLog
 from meshca.adapters.storage.engine import make_engine, redacted_url
+from meshca.adapters.storage.group_commit import BatchCommitter
+from meshca.adapters.storage.host_writer import HostRecordWriter, RecordWriterClient
 from meshca.adapters.storage.journal import SqlAuthorityJournal
 from meshca.adapters.storage.migrate import SchemaUnknown, prepare_schema
+from meshca.adapters.storage.record_rows import insert_records
 from meshca.adapters.storage.transparency import SqlTransparencyLog
 from meshca.adapters.vault.client import VaultAuth, VaultClient
 from meshca.adapters.vault.transit_key import TransitKeyManager
 from meshca.adapters.vault.upstream import VaultUpstream
+from meshca.adapters.worker_pool import WorkerPool
 from meshca.config import ConfigError, Settings
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority, trust_domain_ids
 from meshca.core.csr import CsrRequest
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
-from meshca.core.ports import Attestor, Clock, KeyManager
+from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 from meshca.service.attestation_cache import CachingAttestor
@@ -281,7 +285,7 @@ class Worker:
 
     server: grpc.aio.Server
     port: int
-    audit: SqlAuditLog
+    audit: SqlAuditLog | RecordWriterClient
     engine: Engine
     executor: ThreadPoolExecutor
     authorities: AuthorityService
@@ -322,7 +326,7 @@ class ServingCertificate:
         self,
         settings: Settings,
         authorities: AuthorityService,
-        audit: SqlAuditLog,
+        audit: AuditLog,
         clock: Clock,
     ) -> None:
         self._settings = settings
@@ -367,7 +371,7 @@ class ServingCertificate:
 
 
 async def _serving_tls(
-    settings: Settings, authority: Authority, audit: SqlAuditLog, clock: Clock
+    settings: Settings, authority: Authority, audit: AuditLog, clock: Clock
 ) -> ServerTls:
     """meshca's own serving certificate, recorded like any other before it is used."""
     trust_domain = TrustDomain.parse(settings.trust_domain)
@@ -450,14 +454,25 @@ async def build_authz(
     return authz, decisions
 
 
-async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
-    """Build every part from ``settings`` and start serving; returns once listening."""
+async def start_worker(
+    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+) -> Worker:
+    """Build every part from ``settings`` and start serving; returns once listening.
+
+    With ``record_writer`` (a worker of ``serve``), issuance records go to the host's
+    writer over that socket; without, this process writes them itself.
+    """
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
     engine = make_engine(settings.effective_database_url)
     authorities = build_authorities(settings, engine, clock)
     await asyncio.to_thread(authorities.refresh)
-    audit = SqlAuditLog(engine)
+    audit: SqlAuditLog | RecordWriterClient
+    if record_writer is None:
+        audit = SqlAuditLog(engine)
+    else:
+        audit = RecordWriterClient(record_writer)
+        await audit.start()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshca-sign")
     loop = asyncio.get_running_loop()
 
@@ -582,9 +597,11 @@ async def start_worker(settings: Settings, listen: str | None = None) -> Worker:
     )
 
 
-async def run_worker(settings: Settings, listen: str | None = None) -> None:
+async def run_worker(
+    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+) -> None:
     """Serve until SIGINT or SIGTERM, then drain in-flight requests."""
-    worker = await start_worker(settings, listen)
+    worker = await start_worker(settings, listen, record_writer)
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
     log.info("serving on %s:%d (%s)", host, worker.port, mode)
@@ -596,58 +613,26 @@ async def run_worker(settings: Settings, listen: str | None = None) -> None:
     await worker.stop()
 
 
-def _worker_main(settings: Settings, listen: str) -> None:
+def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
     configure_logging(settings)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(settings, listen))
+        asyncio.run(run_worker(settings, listen, record_writer))
+
+
+def _host_writer(settings: Settings, connections: Sequence[socket.socket]) -> HostRecordWriter:
+    engine = make_engine(settings.effective_database_url)
+    committer = BatchCommitter(engine, insert_records, what="issuance record")
+    return HostRecordWriter(committer, connections)
 
 
 def serve(settings: Settings) -> int:
     """Run ``settings.workers`` server processes sharing one port; returns an exit code."""
     configure_logging(settings)
     prepare(settings)
-    if settings.workers == 1:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_worker(settings))
-        return 0
-    host, _, port_text = settings.listen.rpartition(":")
-    placeholder = None
-    if int(port_text) == 0:
-        # Reserve one port for every worker: a bound socket that never listens gets
-        # no connections, but keeps the port ours while the workers bind it too.
-        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
-        placeholder = socket.socket(family, socket.SOCK_STREAM)
-        placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        placeholder.bind((host.strip("[]"), 0))
-        port_text = str(placeholder.getsockname()[1])
-    listen = f"{host}:{port_text}"
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(target=_worker_main, args=(settings, listen), name=f"worker-{i}")
-        for i in range(settings.workers)
-    ]
-    for process in workers:
-        process.start()
-    log.info("started %d workers on %s", len(workers), listen)
-
-    def stop_all(*_: object) -> None:
-        for process in workers:
-            if process.is_alive() and process.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.terminate()
-
-    signal.signal(signal.SIGTERM, stop_all)
-    signal.signal(signal.SIGINT, stop_all)
-    exit_code = 0
-    try:
-        # If one worker dies, stop the rest: a supervisor restarts us whole.
-        multiprocessing.connection.wait([p.sentinel for p in workers])
-        stop_all()
-        for process in workers:
-            process.join()
-            if process.exitcode not in (0, -signal.SIGTERM):
-                exit_code = 1
-    finally:
-        if placeholder is not None:
-            placeholder.close()
-    return exit_code
+    pool = WorkerPool(
+        settings.workers,
+        settings.listen,
+        target=functools.partial(_worker_main, settings),
+        writer=functools.partial(_host_writer, settings),
+    )
+    return pool.run()

@@ -55,7 +55,7 @@ class Attestor(Protocol):
 
 
 class AuditLog(Protocol):
-    """The issuance record."""
+    """The issuance record, as the signing service writes it (reading is the auditors')."""
 
     async def append(self, record: AuditRecord) -> None:
         """Return only once ``record`` is durably committed.
@@ -63,16 +63,6 @@ class AuditLog(Protocol):
         Raises ``BackendUnavailable`` if it cannot be; the caller then must not release
         the certificate the record describes.
         """
-        ...
-
-    async def list(
-        self,
-        *,
-        limit: int = 50,
-        spiffe_id: str | None = None,
-        serial: str | None = None,
-    ) -> Sequence[AuditRecord]:
-        """The newest records first, filtered by exact SPIFFE ID and serial."""
         ...
 
 

@@ -99,8 +99,8 @@ def test_two_digit_years_follow_rfc5280() -> None:
 @given(st.binary(max_size=300))
 def test_random_bytes_raise_only_der_errors(data: bytes) -> None:
     try:
-        tag, start, end = der.read(data)
-        for _element in der.children(data, start, end):
-            pass
+        _tag, start, end = der.read(data)
+        for _inner, inner_start, inner_end in der.children(data, start, end):
+            assert start <= inner_start <= inner_end <= end
     except der.DerError:
         pass

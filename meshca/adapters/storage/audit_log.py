@@ -11,21 +11,24 @@ while each caller still returns only after its own record is durable. The mechan
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Any
+from collections.abc import Sequence
 
-from sqlalchemy import Engine, RowMapping, Select, select
+from sqlalchemy import Engine, Select, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from meshca.adapters.storage.engine import error_summary
 from meshca.adapters.storage.group_commit import GroupCommitWriter
+from meshca.adapters.storage.record_rows import (
+    insert_records,
+    row_to_record,
+    storable,
+    stored_record,
+)
 from meshca.adapters.storage.tables import IssuanceRecordRow
-from meshca.adapters.storage.transparency import assign_leaves
-from meshca.core.audit import AuditRecord, Outcome, leaf_body
-from meshca.core.errors import BackendUnavailable, InternalError
+from meshca.core.audit import AuditRecord
+from meshca.core.errors import BackendUnavailable
 
-__all__ = ["SqlAuditLog", "row_to_record", "storable"]
+__all__ = ["SqlAuditLog"]
 
 
 class SqlAuditLog:
@@ -52,13 +55,12 @@ class SqlAuditLog:
         self._engine = engine
         self._writer = GroupCommitWriter(
             engine,
-            IssuanceRecordRow.__table__,  # type: ignore[arg-type]
+            # Each record becomes the log's next leaf inside its write transaction.
+            insert_records,
             what="issuance record",
             max_batch=max_batch,
             max_wait=max_wait,
             thread_name="meshca-audit-writer",
-            # Each record becomes the log's next leaf inside its write transaction.
-            prepare=assign_leaves,
         )
 
     def start(self) -> None:
@@ -75,10 +77,7 @@ class SqlAuditLog:
         ``InternalError`` for a naive datetime in ``record``. Cancelling the caller does
         not withdraw a record that is already queued.
         """
-        row = _to_row(record)
-        # Encoded here, off the writer's lock; the writer only prefixes the leaf index.
-        row["leaf_body"] = leaf_body(row_to_record(row))
-        await self._writer.write(row)
+        await self._writer.write(stored_record(record))
 
     async def list(
         self,
@@ -133,72 +132,3 @@ class SqlAuditLog:
 
 def _summary(error: BaseException, engine: Engine) -> str:
     return error_summary(error, secret=engine.url.password)
-
-
-# -- rows <-> records ----------------------------------------------------------------------
-
-
-def storable(text: str) -> str:
-    """``text`` with what PostgreSQL or UTF-8 cannot store written as backslash escapes."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
-
-
-def _optional(text: str | None) -> str | None:
-    return None if text is None else storable(text)
-
-
-def _aware(name: str, value: datetime | None) -> datetime | None:
-    if value is not None and value.utcoffset() is None:
-        raise InternalError(f"audit record field {name} is a naive datetime: {value.isoformat()}")
-    return value
-
-
-def _to_row(record: AuditRecord) -> dict[str, Any]:
-    return {
-        "time": _aware("time", record.time),
-        "outcome": Outcome(record.outcome).value,
-        "api": storable(record.api),
-        "reason": storable(record.reason),
-        "detail": storable(record.detail),
-        "spiffe_id": _optional(record.spiffe_id),
-        "serial": _optional(record.serial),
-        "fingerprint_sha256": _optional(record.fingerprint_sha256),
-        "not_before": _aware("not_before", record.not_before),
-        "not_after": _aware("not_after", record.not_after),
-        "namespace": _optional(record.namespace),
-        "service_account": _optional(record.service_account),
-        "pod_name": _optional(record.pod_name),
-        "pod_uid": _optional(record.pod_uid),
-        "node_name": _optional(record.node_name),
-        "peer": _optional(record.peer),
-        "csr_sha256": _optional(record.csr_sha256),
-    }
-
-
-def row_to_record(row: Mapping[str, Any] | RowMapping) -> AuditRecord:
-    """The record a stored row (or a row about to be stored) holds."""
-    return AuditRecord(
-        time=row["time"],
-        outcome=Outcome(row["outcome"]),
-        api=row["api"],
-        reason=row["reason"],
-        detail=row["detail"],
-        spiffe_id=row["spiffe_id"],
-        serial=row["serial"],
-        fingerprint_sha256=row["fingerprint_sha256"],
-        not_before=row["not_before"],
-        not_after=row["not_after"],
-        namespace=row["namespace"],
-        service_account=row["service_account"],
-        pod_name=row["pod_name"],
-        pod_uid=row["pod_uid"],
-        node_name=row["node_name"],
-        peer=row["peer"],
-        csr_sha256=row["csr_sha256"],
-    )

@@ -14,8 +14,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, and_, or_, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 
-from meshca.adapters.storage.audit_log import row_to_record, storable
 from meshca.adapters.storage.engine import error_summary
+from meshca.adapters.storage.record_rows import row_to_record, storable
 from meshca.adapters.storage.tables import IssuanceRecordRow
 from meshca.core.audit import (
     AuditPage,

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, Select, select
+from sqlalchemy import Connection, Engine, Select, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -157,6 +157,10 @@ def record_from_dict(data: Mapping[str, Any]) -> DecisionRecord:
         raise ValueError(f"not a decision record: {exc}") from None
 
 
+def _insert_rows(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    connection.execute(insert(DecisionRecordRow), rows)
+
+
 class SqlDecisionLog:
     """``DecisionLog`` over a SQLAlchemy engine; the engine stays the caller's."""
 
@@ -171,7 +175,7 @@ class SqlDecisionLog:
         self._engine = engine
         self._writer = GroupCommitWriter(
             engine,
-            DecisionRecordRow.__table__,  # type: ignore[arg-type]
+            _insert_rows,
             what="decision record",
             max_batch=max_batch,
             max_wait=max_wait,

@@ -23,14 +23,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from sqlalchemy import Connection, Engine, Table, insert
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from meshca.adapters.storage.engine import error_summary, write_gate
 from meshca.core.errors import BackendUnavailable
 
-__all__ = ["GroupCommitWriter", "WriterCounters"]
+__all__ = ["BatchCommitter", "GroupCommitWriter", "WriterCounters"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _Outcome: TypeAlias = tuple[asyncio.Future[None], BaseException | None]
 class _Pending:
     """One queued row and the caller waiting for it (none for ``submit``)."""
 
-    row: dict[str, Any]
+    row: Any
     loop: asyncio.AbstractEventLoop | None
     future: asyncio.Future[None] | None
 
@@ -56,14 +56,75 @@ class WriterCounters:
     dropped: int
 
 
+class BatchCommitter:
+    """Commits batches of rows, one transaction per batch, and says what became of each.
+
+    ``write`` puts the rows into the database inside the open transaction (under the
+    write gate). If the batch fails for another reason than a lost or locked database,
+    its rows are retried one per transaction, so one unstorable row cannot fail its
+    neighbours. Blocking; used from one thread at a time.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        write: Callable[[Connection, list[Any]], None],
+        *,
+        what: str,
+    ) -> None:
+        self._engine = engine
+        self._write = write
+        self._what = what
+        self._gate = write_gate(engine)
+
+    @property
+    def what(self) -> str:
+        return self._what
+
+    def commit(self, rows: builtins.list[Any]) -> builtins.list[str | None]:
+        """For each row, None once it is committed or why it was not."""
+        try:
+            self._insert(rows)
+        except Exception as error:
+            if len(rows) > 1 and not _is_outage(error):
+                return self._one_by_one(rows)
+            return [self._failed(len(rows), error)] * len(rows)
+        return [None] * len(rows)
+
+    def _one_by_one(self, rows: builtins.list[Any]) -> builtins.list[str | None]:
+        outcomes: builtins.list[str | None] = []
+        for index, row in enumerate(rows):
+            try:
+                self._insert([row])
+            except Exception as error:
+                if _is_outage(error):
+                    # The database went away meanwhile: fail the rest without waiting on
+                    # it once per row.
+                    left = len(rows) - index
+                    return outcomes + [self._failed(left, error)] * left
+                outcomes.append(self._failed(1, error))
+            else:
+                outcomes.append(None)
+        return outcomes
+
+    def _insert(self, rows: builtins.list[Any]) -> None:
+        # One transaction per batch: the commit (and its fsync) is what is shared.
+        with self._gate, self._engine.begin() as connection:
+            self._write(connection, rows)
+
+    def _failed(self, count: int, error: Exception) -> str:
+        summary = error_summary(error, secret=self._engine.url.password)
+        log.error("%d %s(s) not committed: %s", count, self._what, summary)
+        return f"{self._what} not committed: {summary}"
+
+
 class GroupCommitWriter:
-    """Inserts rows into ``table`` over ``engine`` from one thread, many rows per commit.
+    """Commits rows from one thread, many rows per transaction (a ``BatchCommitter``).
 
     ``write`` returns only after the transaction holding its row has committed, and raises
-    ``BackendUnavailable`` if that transaction failed. A failed batch fails every row in it,
-    except that on an error other than a lost or locked database the rows are retried one
-    per transaction, so one unstorable row cannot fail its neighbours. The writer keeps
-    running after failures and serves later rows once the database is back.
+    ``BackendUnavailable`` if that transaction failed (see ``BatchCommitter`` for how a
+    failed batch is retried). The writer keeps running after failures and serves later
+    rows once the database is back.
 
     Writes may come from any number of event loops and threads. Several writers, in one
     process or many, may write the same database (SQLite writers queue on a file lock).
@@ -74,30 +135,24 @@ class GroupCommitWriter:
     def __init__(
         self,
         engine: Engine,
-        table: Table,
+        write: Callable[[Connection, list[Any]], None],
         *,
         what: str,
         max_batch: int = 256,
         max_wait: float = 0.002,
         max_unawaited: int = 100_000,
         thread_name: str = "meshca-record-writer",
-        prepare: Callable[[Connection, list[dict[str, Any]]], list[dict[str, Any]]] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         if max_wait < 0:
             raise ValueError(f"max_wait must not be negative, not {max_wait}")
-        self._engine = engine
-        self._table = table
+        self._committer = BatchCommitter(engine, write, what=what)
         self._what = what
-        self._gate = write_gate(engine)
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._max_unawaited = max_unawaited
         self._thread_name = thread_name
-        # Runs inside each write transaction, under the write gate, and returns the rows
-        # to insert (the issuance record assigns leaf indexes here).
-        self._prepare = prepare
         self._last_batch_size = 0
         # None is the stop signal; close() queues it after the last accepted row.
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
@@ -124,7 +179,7 @@ class GroupCommitWriter:
             self._check_open()
             self._start_writer()
 
-    async def write(self, row: dict[str, Any]) -> None:
+    async def write(self, row: Any) -> None:
         """Return only once ``row`` is durably committed; else raise ``BackendUnavailable``.
 
         Cancelling the caller does not withdraw a row that is already queued.
@@ -138,7 +193,7 @@ class GroupCommitWriter:
             self._queue.put(_Pending(row, loop, future))
         await future
 
-    def submit(self, row: dict[str, Any]) -> bool:
+    def submit(self, row: Any) -> bool:
         """Queue ``row`` without waiting for it; False if it was dropped (full or closed).
 
         Failures are logged and counted in ``counters``, never raised.
@@ -225,43 +280,12 @@ class GroupCommitWriter:
         return batch, False
 
     def _write(self, batch: builtins.list[_Pending]) -> None:
-        try:
-            self._insert(batch)
-        except Exception as error:
-            if len(batch) > 1 and not _is_outage(error):
-                self._write_one_by_one(batch)
-            else:
-                self._fail(batch, error)
-        else:
+        outcomes = self._committer.commit([pending.row for pending in batch])
+        if all(outcome is None for outcome in outcomes):
             self._settle(batch, None)
-
-    def _write_one_by_one(self, batch: builtins.list[_Pending]) -> None:
-        for index, pending in enumerate(batch):
-            try:
-                self._insert([pending])
-            except Exception as error:
-                if _is_outage(error):
-                    # The database went away meanwhile: fail the rest without waiting on
-                    # it once per row.
-                    self._fail(batch[index:], error)
-                    return
-                self._fail([pending], error)
-            else:
-                self._settle([pending], None)
-
-    def _insert(self, batch: builtins.list[_Pending]) -> None:
-        # One transaction per batch: the commit (and its fsync) is what is shared.
-        with self._gate, self._engine.begin() as connection:
-            rows = [pending.row for pending in batch]
-            if self._prepare is not None:
-                rows = self._prepare(connection, rows)
-            connection.execute(insert(self._table), rows)
-
-    def _fail(self, batch: builtins.list[_Pending], error: Exception) -> None:
-        summary = error_summary(error, secret=self._engine.url.password)
-        log.error("%d %s(s) not committed: %s", len(batch), self._what, summary)
-        what = self._what
-        self._settle(batch, lambda: BackendUnavailable(f"{what} not committed: {summary}"))
+            return
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            self._settle([pending], None if outcome is None else _unavailable(outcome))
 
     def _settle(
         self, batch: Iterable[_Pending], make_error: Callable[[], BaseException] | None
@@ -289,6 +313,10 @@ class GroupCommitWriter:
             except RuntimeError:
                 # That loop is closed, so no one is waiting for these any more.
                 log.debug("event loop closed before %d write(s) were answered", len(outcomes))
+
+
+def _unavailable(message: str) -> Callable[[], BaseException]:
+    return lambda: BackendUnavailable(message)
 
 
 def _resolve(outcomes: Iterable[_Outcome]) -> None:

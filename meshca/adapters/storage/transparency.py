@@ -1,12 +1,13 @@
 """The verifiable log over the issuance record: leaf indexes, subtree cache, heads, proofs.
 
-Leaves are the ``issuance_record`` rows in ``leaf_index`` order. ``assign_leaves`` runs
-inside every record-writing transaction: one ``UPDATE log_state ... RETURNING`` both
-reserves the batch's indexes and takes the log's lock (PostgreSQL holds the row lock to
-commit; SQLite writers already queue on the cross-process write gate and take SQLite's
-write lock), so indexes follow commit order with no gaps, whatever the number of
-processes or replicas. The unique index on ``leaf_index`` turns any other writer's
-mistake into a failed transaction rather than a forked log.
+Leaves are the ``issuance_record`` rows in ``leaf_index`` order.
+``record_rows.insert_records`` runs inside every record-writing transaction: one
+``UPDATE log_state ... RETURNING`` both reserves the batch's indexes and takes the log's
+lock (PostgreSQL holds the row lock to commit; SQLite writers already queue on the
+cross-process write gate and take SQLite's write lock), so indexes follow commit order
+with no gaps, whatever the number of processes or replicas. The unique index on
+``leaf_index`` turns any other writer's mistake into a failed transaction rather than a
+forked log.
 
 Hashes of complete subtrees at levels ``STRIDE``, ``2*STRIDE``, ... are cached in
 ``log_node`` when tree heads are signed; any subtree hash is then at most ``2**STRIDE``
@@ -32,8 +33,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from meshca.adapters.storage.engine import error_summary, write_gate
+from meshca.adapters.storage.record_rows import LOG_STATE_ID, row_to_record
 from meshca.adapters.storage.tables import IssuanceRecordRow, LogNodeRow, LogStateRow, TreeHeadRow
-from meshca.core.audit import LogEntry, leaf_data
+from meshca.core.audit import LogEntry
 from meshca.core.errors import BackendUnavailable, InvalidRequest
 from meshca.core.log import (
     ConsistencyProof,
@@ -50,71 +52,19 @@ from meshca.core.merkle import (
     Subtree,
     consistency_ranges,
     inclusion_ranges,
-    leaf_hash,
     range_hash,
     subtrees_of,
 )
 
-__all__ = [
-    "BLOCK",
-    "STRIDE",
-    "LeafRow",
-    "SqlTransparencyLog",
-    "assign_leaves",
-]
+__all__ = ["BLOCK", "STRIDE", "LeafRow", "SqlTransparencyLog"]
 
 log = logging.getLogger(__name__)
 
 #: Cached levels are multiples of this; retention removes blocks of ``BLOCK`` leaves.
 STRIDE = 4
 BLOCK = 1 << STRIDE
-_STATE_ID = 1
 # Nodes computed per step when the cache is extended: bounds memory on big logs.
 _CHUNK_NODES = 4096
-
-
-def assign_leaves(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Give each row the next leaf index and its leaf hash, inside the caller's transaction.
-
-    Rows carry ``leaf_body`` (``core.audit.leaf_body`` of the stored values); the rows
-    returned are new dicts without it, so a retried batch can be assigned again.
-    """
-    count = len(rows)
-    end = _reserve(connection, count)
-    if end is None:
-        _create_state(connection)
-        end = _reserve(connection, count)
-        assert end is not None
-    start = end - count
-    assigned = []
-    for offset, row in enumerate(rows):
-        index = start + offset
-        new = {key: value for key, value in row.items() if key != "leaf_body"}
-        new["leaf_index"] = index
-        new["leaf_hash"] = leaf_hash(leaf_data(index, row["leaf_body"]))
-        assigned.append(new)
-    return assigned
-
-
-def _reserve(connection: Connection, count: int) -> int | None:
-    statement = (
-        update(LogStateRow)
-        .where(LogStateRow.id == _STATE_ID)
-        .values(tree_size=LogStateRow.tree_size + count)
-        .returning(LogStateRow.tree_size)
-    )
-    value = connection.execute(statement).scalar_one_or_none()
-    return None if value is None else int(value)
-
-
-def _create_state(connection: Connection) -> None:
-    """The state row, for a schema made without migrations; resumes after existing leaves."""
-    next_index = connection.execute(
-        select(func.coalesce(func.max(IssuanceRecordRow.leaf_index) + 1, 0))
-    ).scalar_one()
-    values = {"id": _STATE_ID, "tree_size": int(next_index), "pruned_below": 0}
-    upsert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    connection.execute(upsert(LogStateRow).values(values).on_conflict_do_nothing())
 
 
 class LeafRow:
@@ -229,8 +179,6 @@ class SqlTransparencyLog:
 
     def leaves(self, start: int = 0, *, batch: int = 5000) -> Iterator[LeafRow]:
         """Every stored leaf from ``start`` on, in ``leaf_index`` order, read in batches."""
-        from meshca.adapters.storage.audit_log import row_to_record
-
         position = start
         while True:
             statement = (
@@ -367,7 +315,7 @@ class SqlTransparencyLog:
             with self._gate, self._engine.begin() as connection:
                 connection.execute(
                     update(LogStateRow)
-                    .where(LogStateRow.id == _STATE_ID)
+                    .where(LogStateRow.id == LOG_STATE_ID)
                     .values(pruned_below=target)
                 )
                 connection.execute(
@@ -390,7 +338,7 @@ class SqlTransparencyLog:
     def _state(self, connection: Connection) -> LogState:
         row = connection.execute(
             select(LogStateRow.tree_size, LogStateRow.pruned_below).where(
-                LogStateRow.id == _STATE_ID
+                LogStateRow.id == LOG_STATE_ID
             )
         ).first()
         if row is None:
