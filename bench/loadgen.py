@@ -74,6 +74,9 @@ class LoadResult:
     mean_ms: float
     max_ms: float
     h2load_cpu_seconds: float
+    #: What h2load negotiated, from its output: e.g. "TLSv1.3" (None without TLS), "h2".
+    tls_protocol: str | None
+    application_protocol: str | None
 
     @property
     def clean(self) -> bool:
@@ -144,6 +147,8 @@ def _parse(
     if not (finished and counts and status):
         raise H2loadError(f"cannot read h2load's output:\n{out[-1500:]}")
     total, _started, done, succeeded, failed, errored, timeout = map(int, counts.groups())
+    tls = re.search(r"^TLS Protocol: (\S+)", out, re.MULTILINE)
+    alpn = re.search(r"^Application protocol: (\S+)", out, re.MULTILINE)
     elapsed_ms = sorted(_elapsed_2xx_ms(log_file))
     if not elapsed_ms:
         raise H2loadError(f"h2load logged no successful request in {log_file}:\n{out[-1500:]}")
@@ -164,6 +169,8 @@ def _parse(
         mean_ms=sum(elapsed_ms) / len(elapsed_ms),
         max_ms=elapsed_ms[-1],
         h2load_cpu_seconds=cpu,
+        tls_protocol=tls.group(1) if tls else None,
+        application_protocol=alpn.group(1) if alpn else None,
     )
 
 

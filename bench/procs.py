@@ -12,13 +12,14 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "LOCALHOST",
     "CpuSample",
+    "cpu_seconds",
     "free_port",
     "group_cpu_seconds",
     "machine_cpu",
@@ -100,23 +101,54 @@ def managed_group(
 def group_cpu_seconds(pgid: int) -> float:
     """User plus system CPU seconds used so far by the live processes of group ``pgid``.
 
-    Only processes alive now are counted, so take both samples of a measurement while the
-    group's membership is stable (servers keep their workers for their whole life).
+    See ``cpu_seconds`` for what is counted.
     """
-    total = 0
+    return cpu_seconds(pgids=(pgid,))
+
+
+def cpu_seconds(pgids: Iterable[int] = (), trees: Iterable[int] = ()) -> float:
+    """CPU seconds used so far by the processes of groups ``pgids`` and of ``trees``.
+
+    A tree is a process and all its live descendants, for servers whose children leave
+    its process group (PostgreSQL's postmaster puts each child in a session of its own).
+    Each process is counted once, with its user and system time and that of the children
+    it has reaped, so a short-lived child (a PostgreSQL backend, say) still counts after
+    it exits, through its parent. A process that is reaped by one outside the set is
+    lost, so take both samples of a measurement while membership is stable.
+    """
+    groups, roots = set(pgids), set(trees)
+    table = _process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _pgrp, _ticks) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    chosen = {pid for pid, (_ppid, pgrp, _ticks) in table.items() if pgrp in groups}
+    in_trees: set[int] = set()
+    pending = [root for root in roots if root in table]
+    while pending:
+        pid = pending.pop()
+        if pid not in in_trees:
+            in_trees.add(pid)
+            pending.extend(children.get(pid, ()))
+    return sum(table[pid][2] for pid in chosen | in_trees) / _TICKS
+
+
+def _process_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, pgrp, CPU ticks of itself and its reaped children), from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
         except OSError:
-            continue
+            continue  # exited meanwhile
         # Field 2 (comm) may contain spaces; everything after its closing ')' is fixed.
         fields = stat[stat.rindex(")") + 2 :].split()
-        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15.
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICKS
+        # fields[0] is field 3 (state): ppid is field 4, pgrp 5, utime 14, stime 15, and
+        # the reaped children's cutime 16 and cstime 17.
+        ticks = sum(int(v) for v in fields[11:15])
+        table[int(entry.name)] = (int(fields[1]), int(fields[2]), ticks)
+    return table
 
 
 @dataclass(frozen=True)

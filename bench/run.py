@@ -1,11 +1,15 @@
-"""Issuance load benchmark: meshca (Istio's CA API over h2c gRPC) against OpenBao's PKI engine.
+"""Issuance load benchmark: meshca (Istio's CA API over gRPC) against OpenBao's PKI engine.
 
-    python bench/run.py [--runs 3] [--quick] [--systems openbao,meshca]
+    python bench/run.py [--runs 3] [--quick] [--systems openbao,openbao-raft,meshca,...]
 
-Each run makes one CSR, starts both servers on 127.0.0.1, checks one real issuance from
-each, then for every concurrency level drives each system with h2load: a warm-up, then a
-fixed number of requests. Results go to bench/results/<timestamp>.json and a Markdown table
-of medians over runs is printed. See bench/README.md.
+Systems: OpenBao in memory (openbao) and durable (openbao-raft: raft storage and a file
+audit device); meshca plaintext on SQLite (meshca), with TLS (meshca-tls) and on
+PostgreSQL (meshca-pg). Each run makes one CSR, starts every selected server on
+127.0.0.1, checks one real issuance from each, then for every concurrency level drives
+each system measured at that level with h2load (a warm-up, then a fixed number of
+requests) while the others idle. Results go to bench/results/<timestamp>.json; the
+Markdown tables of medians over runs, ratios and issue 8's targets are printed. See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -20,36 +24,44 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # The bench's own modules sit next to this file; meshca is imported from the repo root
 # even when it is not installed into the venv.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-from bao_pki import openbao_pki
+from bao_pki import openbao_pki, openbao_raft_pki
 from loadgen import H2loadError, ensure_h2load, run_h2load
-from procs import group_cpu_seconds, machine_cpu
+from procs import cpu_seconds, machine_cpu
 from report import markdown, summarize
 from target import Target
 from workload import make_csr
 
+if TYPE_CHECKING:
+    from meshca_ca import BenchPostgres
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
-SYSTEMS = ("openbao", "meshca")
+SYSTEMS = ("openbao", "openbao-raft", "meshca", "meshca-tls", "meshca-pg")
 
 
 @dataclass(frozen=True)
 class Level:
-    """One concurrency level: h2load runs ``clients`` connections with one stream each."""
+    """One concurrency level: h2load runs ``clients`` connections with one stream each.
+
+    ``systems`` are the ones measured at this level (those selected with --systems).
+    """
 
     concurrency: int
     warmup: int
     requests: int
+    systems: tuple[str, ...]
 
     @property
     def clients(self) -> int:
@@ -60,8 +72,18 @@ class Level:
         return 1
 
 
-FULL = (Level(1, 200, 3_000), Level(16, 200, 15_000), Level(64, 200, 15_000))
-QUICK = (Level(1, 10, 30), Level(16, 20, 100), Level(64, 64, 200))
+# Who is measured where: what issue 8's targets need (target 1: c=64 against both OpenBao
+# set-ups, with TLS too; target 2: c=1 against durable OpenBao; target 4: c=64 on
+# PostgreSQL against durable OpenBao), plus c=16 for meshca and OpenBao as before.
+_AT_1 = ("meshca", "openbao-raft")
+_AT_16 = ("meshca", "openbao")
+_AT_64 = SYSTEMS
+FULL = (
+    Level(1, 200, 3_000, _AT_1),
+    Level(16, 200, 15_000, _AT_16),
+    Level(64, 200, 15_000, _AT_64),
+)
+QUICK = (Level(1, 10, 30, _AT_1), Level(16, 20, 100, _AT_16), Level(64, 64, 200, _AT_64))
 
 
 def _timeout(requests: int) -> float:
@@ -74,8 +96,9 @@ def measure(
 ) -> dict[str, Any]:
     """Warm up, then one measured h2load run; returns its figures and whether it is valid.
 
-    ``idle`` are the other systems' servers, running but not loaded: their CPU use is
-    recorded too, as they share the machine.
+    Valid means every request got a 2xx status and each of the target's counters grew by
+    what h2load completed. ``idle`` are the other systems' servers, running but not
+    loaded: their CPU use is recorded too, as they share the machine.
     """
     common = {
         "body": target.body,
@@ -86,28 +109,41 @@ def measure(
         "log_file": workdir / f"h2load-{target.name}-{level.concurrency}.log",
     }
     run_h2load(h2load, target.url, requests=level.warmup, timeout=_timeout(level.warmup), **common)
-    issued_before = target.issued_count() if target.issued_count else None
-    idle_before = sum(group_cpu_seconds(t.pgid) for t in idle)
-    cpu_before, machine_before = group_cpu_seconds(target.pgid), machine_cpu()
+    counted_before = [counter.read() for counter in target.counters]
+    idle_before = _cpu(idle)
+    cpu_before, machine_before = _cpu([target]), machine_cpu()
     result = run_h2load(
         h2load, target.url, requests=level.requests, timeout=_timeout(level.requests), **common
     )
-    cpu_after, machine_after = group_cpu_seconds(target.pgid), machine_cpu()
-    idle_after = sum(group_cpu_seconds(t.pgid) for t in idle)
-    issued_after = target.issued_count() if target.issued_count else None
+    cpu_after, machine_after = _cpu([target]), machine_cpu()
+    idle_after = _cpu(idle)
+    counted_after = [counter.read() for counter in target.counters]
     problems = []
     if not result.clean:
         problems.append(
             f"h2load: {result.succeeded}/{result.requests} succeeded, {result.status_2xx} 2xx, "
             f"{result.failed} failed, {result.errored} errored, {result.timeout} timed out"
         )
-    issued_delta = None
-    if issued_before is not None and issued_after is not None:
-        issued_delta = issued_after - issued_before
-        if issued_delta != result.done:
+    if target.url.startswith("https://") and result.tls_protocol is None:
+        problems.append("h2load reported no TLS session for an https:// target")
+    counters = []
+    for counter, before, after in zip(target.counters, counted_before, counted_after, strict=True):
+        delta = after - before
+        counters.append(
+            {
+                "what": counter.what,
+                "before": before,
+                "after": after,
+                "delta": delta,
+                "exact": counter.exact,
+            }
+        )
+        if (delta != result.done) if counter.exact else (delta < result.done):
+            need = "" if counter.exact else "at least "
             problems.append(
-                f"issuance record grew by {issued_delta} but h2load completed {result.done} "
-                "requests (gRPC errors arrive as HTTP 200 with a grpc-status trailer)"
+                f"{counter.what} grew by {delta}, expected {need}{result.done}: the requests "
+                "h2load completed"
+                + ("" if target.http1 else " (gRPC errors arrive as HTTP 200 with a trailer)")
             )
     wall = result.wall_seconds
     cores = os.cpu_count() or 1
@@ -127,40 +163,86 @@ def measure(
         "other_cpu_cores": busy * cores - server - result.h2load_cpu_seconds / wall - idle_servers,
         "machine_busy": busy,
         "machine_steal": machine_after.steal_fraction_since(machine_before),
-        "issued_before": issued_before,
-        "issued_after": issued_after,
-        "issued_delta": issued_delta,
+        "counters": counters,
         "valid": not problems,
         "problems": problems,
     }
 
 
+def _cpu(targets: list[Target]) -> float:
+    """CPU seconds so far of all processes of ``targets`` (groups and extra trees)."""
+    return cpu_seconds(
+        pgids=[t.pgid for t in targets], trees=[pid for t in targets for pid in t.extra_trees]
+    )
+
+
+def start_systems(
+    stack: contextlib.ExitStack,
+    index: int,
+    systems: tuple[str, ...],
+    workdir: Path,
+    csr_pem: str,
+    postgres: BenchPostgres | None,
+) -> dict[str, Target]:
+    """Start every selected system for one run; ``stack`` stops them all when it closes."""
+    targets: dict[str, Target] = {}
+    if "openbao" in systems:
+        targets["openbao"] = stack.enter_context(openbao_pki(bao_binary(), workdir, csr_pem))
+    if "openbao-raft" in systems:
+        targets["openbao-raft"] = stack.enter_context(
+            openbao_raft_pki(bao_binary(), workdir, csr_pem)
+        )
+    if {"meshca", "meshca-tls", "meshca-pg"} & set(systems):
+        from meshca_ca import dedicated_database, meshca_ca  # imports meshca
+
+        if "meshca" in systems:
+            targets["meshca"] = stack.enter_context(meshca_ca(workdir, csr_pem))
+        if "meshca-tls" in systems:
+            targets["meshca-tls"] = stack.enter_context(
+                meshca_ca(workdir, csr_pem, name="meshca-tls", tls=True)
+            )
+        if "meshca-pg" in systems:
+            if postgres is None:
+                raise RuntimeError("meshca-pg needs the bench's PostgreSQL server")
+            url = stack.enter_context(dedicated_database(postgres, f"meshca_bench_run{index}"))
+            targets["meshca-pg"] = stack.enter_context(
+                meshca_ca(
+                    workdir,
+                    csr_pem,
+                    name="meshca-pg",
+                    database_url=url,
+                    extra_trees=(postgres.pid,),
+                )
+            )
+    return targets
+
+
 def one_run(
-    index: int, h2load: str, systems: tuple[str, ...], levels: tuple[Level, ...]
+    index: int,
+    h2load: str,
+    systems: tuple[str, ...],
+    levels: tuple[Level, ...],
+    postgres: BenchPostgres | None,
 ) -> dict[str, Any]:
-    """Fresh servers and a fresh CSR; both systems measured at every level, order alternating."""
+    """Fresh servers and a fresh CSR; at each level its systems in turn, order alternating."""
     csr_pem = make_csr()
     measurements = []
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshca-bench-")))
-        targets: dict[str, Target] = {}
-        if "openbao" in systems:
-            targets["openbao"] = stack.enter_context(openbao_pki(bao_binary(), workdir, csr_pem))
-        if "meshca" in systems:
-            from meshca_ca import meshca_ca  # imports meshca; only needed for this half
-
-            targets["meshca"] = stack.enter_context(meshca_ca(workdir, csr_pem))
-        # Alternate which system goes first so neither always runs on a warmer machine.
+        started = time.monotonic()
+        targets = start_systems(stack, index, systems, workdir, csr_pem, postgres)
+        print(f"  run {index}: {len(targets)} systems ready in {time.monotonic() - started:.0f}s")
+        # Alternate which system goes first so none always runs on a warmer machine.
         order = list(systems) if index % 2 == 1 else list(reversed(systems))
         for level in levels:
-            for name in order:
+            for name in (s for s in order if s in level.systems):
                 others = [t for other, t in targets.items() if other != name]
                 row = measure(h2load, targets[name], level, workdir, others)
                 row["run"] = index
                 measurements.append(row)
                 flag = "" if row["valid"] else "  INVALID: " + "; ".join(row["problems"])
                 print(
-                    f"  run {index} c={level.concurrency:<3} {name:<8} "
+                    f"  run {index} c={level.concurrency:<3} {name:<12} "
                     f"{row['req_per_s']:8.0f} cert/s  p50 {row['p50_ms']:7.2f} ms  "
                     f"p99 {row['p99_ms']:7.2f} ms  server CPU {row['server_cpu_cores']:.2f}"
                     f"{flag}",
@@ -226,14 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
-        help="comma-separated subset of openbao,meshca (default both)",
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (default all)",
     )
     args = parser.parse_args(argv)
-    systems = tuple(s for s in SYSTEMS if s in args.systems.split(","))
-    if not systems or set(args.systems.split(",")) - set(SYSTEMS):
-        parser.error("--systems takes openbao, meshca or both")
+    chosen = {s.strip() for s in args.systems.split(",") if s.strip()}
+    systems = tuple(s for s in SYSTEMS if s in chosen)
+    if not systems or chosen - set(SYSTEMS):
+        parser.error(f"--systems takes a comma-separated subset of {', '.join(SYSTEMS)}")
     runs = args.runs or (1 if args.quick else 3)
-    levels = QUICK if args.quick else FULL
+    levels = tuple(
+        Level(lv.concurrency, lv.warmup, lv.requests, tuple(s for s in lv.systems if s in systems))
+        for lv in (QUICK if args.quick else FULL)
+        if set(lv.systems) & set(systems)
+    )
     signal.signal(signal.SIGTERM, _terminate)
     # Everything here talks to 127.0.0.1 only: never through a proxy.
     os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
@@ -241,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     h2load = ensure_h2load()
     started = datetime.now(UTC)
+    clock = time.monotonic()
     document: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "command": ["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])],
@@ -252,9 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     status = 0
     try:
-        for index in range(1, runs + 1):
-            print(f"run {index}/{runs}", flush=True)
-            document["runs"].append(one_run(index, h2load, systems, levels))
+        with contextlib.ExitStack() as stack:
+            postgres = None
+            if "meshca-pg" in systems:
+                from meshca_ca import bench_postgres
+
+                # One PostgreSQL server for the invocation; each run gets its own database.
+                postgres = stack.enter_context(bench_postgres())
+            for index in range(1, runs + 1):
+                print(f"run {index}/{runs}", flush=True)
+                document["runs"].append(one_run(index, h2load, systems, levels, postgres))
     except H2loadError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         document["error"] = str(exc)
@@ -265,18 +360,20 @@ def main(argv: list[str] | None = None) -> int:
         status = 1
     measurements = [m for run in document["runs"] for m in run["measurements"]]
     summary = summarize(measurements)
+    elapsed = time.monotonic() - clock
     document.update(
         finished=datetime.now(UTC).isoformat(timespec="seconds"),
+        elapsed_seconds=round(elapsed, 1),
         medians=summary.medians,
         ratios=summary.ratios,
-        target=summary.target,
+        targets=[check.as_dict() for check in summary.targets],
     )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.write_text(json.dumps(document, indent=2) + "\n")
     print()
     print(markdown(summary, len(document["runs"])))
-    print(f"\nresults: {out.relative_to(REPO)}")
+    print(f"\nresults: {out.relative_to(REPO)} ({elapsed / 60:.1f} minutes)")
     if any(not m["valid"] for m in measurements):
         print("some measurements were INVALID and are left out of the medians", file=sys.stderr)
         status = status or 1
