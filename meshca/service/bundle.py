@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -14,7 +15,7 @@ from meshca.core.spiffe import TrustDomain
 __all__ = ["BundleSnapshot", "TrustBundleService"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class BundleSnapshot:
     """One version of the bundle. ``sequence`` grows by one on every change."""
 
@@ -22,8 +23,13 @@ class BundleSnapshot:
     roots: tuple[x509.Certificate, ...]
     sequence: int
 
+    @cached_property
+    def roots_pems(self) -> tuple[str, ...]:
+        # Encoded once per version: a change is sent to every watcher at once.
+        return tuple(c.public_bytes(Encoding.PEM).decode() for c in self.roots)
+
     def roots_pem(self) -> list[str]:
-        return [c.public_bytes(Encoding.PEM).decode() for c in self.roots]
+        return list(self.roots_pems)
 
 
 class TrustBundleService:

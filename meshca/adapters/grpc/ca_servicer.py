@@ -31,7 +31,7 @@ def _ttl(seconds: int) -> timedelta | None:
 def _bundle_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
     return ca_pb2.TrustBundle(
         trust_domain=snapshot.trust_domain.name,
-        roots=snapshot.roots_pem(),
+        roots=snapshot.roots_pems,
         sequence=snapshot.sequence,
     )
 
@@ -40,6 +40,13 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
     def __init__(self, ca: CertificateService, bundle: TrustBundleService) -> None:
         self._ca = ca
         self._bundle = bundle
+        self._message: tuple[BundleSnapshot, ca_pb2.TrustBundle] | None = None
+
+    def _bundle_message(self, snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
+        """The message of ``snapshot``, built once for all the watchers it goes to."""
+        if self._message is None or self._message[0] is not snapshot:
+            self._message = (snapshot, _bundle_message(snapshot))
+        return self._message[1]
 
     async def Sign(self, request: ca_pb2.SignRequest, context: Context) -> ca_pb2.SignResponse:
         signed = await self._ca.sign(
@@ -65,13 +72,13 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
     async def GetTrustBundle(
         self, request: ca_pb2.GetTrustBundleRequest, context: Context
     ) -> ca_pb2.TrustBundle:
-        return _bundle_message(self._bundle.current())
+        return self._bundle_message(self._bundle.current())
 
     async def WatchTrustBundle(
         self, request: ca_pb2.WatchTrustBundleRequest, context: Context
     ) -> AsyncIterator[ca_pb2.TrustBundle]:
         async for snapshot in self._bundle.watch():
-            yield _bundle_message(snapshot)
+            yield self._bundle_message(snapshot)
 
 
 class IstioCertificateServicer(istio_grpc.IstioCertificateServiceServicer):

@@ -36,6 +36,8 @@ __all__ = [
 MAX_MESSAGE_BYTES = 64 * 1024
 #: Room for a service-account token (a few KiB) and the usual headers.
 MAX_METADATA_BYTES = 32 * 1024
+#: Calls that may wait for the event loop at once before grpc starts refusing them.
+MAX_PENDING_CALLS = 65_536
 
 SERVICE_NAMES = (
     ca_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
@@ -91,6 +93,11 @@ def build_server(
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             # Several worker processes share one port; the kernel spreads connections.
             ("grpc.so_reuseport", 1),
+            # Calls not yet picked up by the event loop: past these (grpc's defaults are
+            # 1,000 and 3,000) grpc answers CANCELLED, which a cold-start storm of proxies
+            # or 10,000 watchers reconnecting at once would otherwise meet.
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
         ],
     )
     # Every servicer of ours reports errors through the one table in errors.py.
