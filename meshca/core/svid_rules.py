@@ -31,10 +31,11 @@ _SUBJECT_ALT_NAME = b"\x55\x1d\x11"
 _SERVER_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x01"
 _CLIENT_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x02"
 _URI_NAME = 0x86  # GeneralName uniformResourceIdentifier: [6] IA5String, implicit
-# keyUsage bits (RFC 5280 4.2.1.3), counted from the first bit of the BIT STRING.
-_DIGITAL_SIGNATURE = 0
-_KEY_CERT_SIGN = 5
-_CRL_SIGN = 6
+# keyUsage bits (RFC 5280 4.2.1.3) as masks of the BIT STRING's first byte: bit 0 is
+# the most significant.
+_DIGITAL_SIGNATURE = 0x80
+_KEY_CERT_SIGN = 0x04
+_CRL_SIGN = 0x02
 
 
 def check_leaf_svid(
@@ -86,8 +87,8 @@ def _leaf_problems(data: bytes, spiffe_id: SpiffeId, issuer: Authority) -> Itera
     if ku is None or not ku.critical:
         yield "keyUsage must be present and critical"
     else:
-        bits = _bits(data, ku)
-        if _DIGITAL_SIGNATURE not in bits or _KEY_CERT_SIGN in bits or _CRL_SIGN in bits:
+        bits = _first_usage_byte(data, ku)
+        if not bits & _DIGITAL_SIGNATURE or bits & (_KEY_CERT_SIGN | _CRL_SIGN):
             yield "keyUsage must have digitalSignature and neither keyCertSign nor cRLSign"
     eku = extensions.get(_EXTENDED_KEY_USAGE)
     if eku is None or not {_SERVER_AUTH, _CLIENT_AUTH} <= _purposes(data, eku):
@@ -150,12 +151,12 @@ def _is_ca(data: bytes, ext: _Extension) -> bool:
     return False
 
 
-def _bits(data: bytes, ext: _Extension) -> set[int]:
+def _first_usage_byte(data: bytes, ext: _Extension) -> int:
+    """The keyUsage bits 0-7 (every rule concerns one of them); 0 when none is set."""
     tag, start, end = der.read(data, ext.start, ext.end)
     if tag != der.BIT_STRING or end != ext.end or end == start:
         raise der.DerError("keyUsage is not a BIT STRING")
-    body = data[start + 1 : end]
-    return {i for i in range(len(body) * 8) if body[i // 8] & (0x80 >> (i % 8))}
+    return data[start + 1] if end - start > 1 else 0
 
 
 def _purposes(data: bytes, ext: _Extension) -> set[bytes]:

@@ -8,8 +8,8 @@ database work, leaf hashing included, runs on the supervisor's core time, not un
 worker's interpreter lock.
 
 Wire format, both ways: frames of a 4-byte big-endian length and a ``marshal`` payload.
-A worker sends ``(batch, [record, ...])``, each record the ``AuditRecord`` fields in
-order with times as UTC epoch microseconds; the writer answers ``(batch, None)`` when
+A worker sends ``(batch, [record, ...])``, each record ``encode_record``'s tuple of the
+``AuditRecord`` fields; the writer answers ``(batch, None)`` when
 all were committed, else ``(batch, [None or why-not, ...])``. Both ends are this
 program, over a socket pair no one else holds.
 """
@@ -25,6 +25,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 from meshca.adapters.storage.group_commit import BatchCommitter
 from meshca.adapters.storage.record_rows import stored_record
 from meshca.core.audit import AuditRecord, Outcome
-from meshca.core.errors import BackendUnavailable
+from meshca.core.errors import BackendUnavailable, InternalError
 
 __all__ = ["HostRecordWriter", "RecordWriterClient"]
 
@@ -41,32 +42,93 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
 #: A frame larger than this is a bug, not a batch: the connection is dropped.
 MAX_FRAME = 64 * 1024 * 1024
+# Read at most this much per call: a larger request makes Python map a buffer that big
+# for every read, whatever arrives.
+_RECEIVE_BYTES = 256 * 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_FIELDS = tuple(f.name for f in dataclasses.fields(AuditRecord))
-_TIMES = frozenset({"time", "not_before", "not_after"})
 
 
 def encode_record(record: AuditRecord) -> tuple[Any, ...]:
-    """``record`` (already ``stored_record``) as plain values ``marshal`` can carry."""
-    values: list[Any] = []
-    for name in _FIELDS:
-        value = getattr(record, name)
-        if name in _TIMES and value is not None:
-            value = (value - _EPOCH) // _MICROSECOND
-        elif name == "outcome":
-            value = value.value
-        values.append(value)
-    return tuple(values)
+    """``record`` as plain values ``marshal`` can carry, times as UTC epoch microseconds.
+
+    Raises ``InternalError`` for a naive time, before anything is sent. Text goes as it
+    is; the writer makes it storable.
+    """
+    r = record
+    return (
+        _micros("time", r.time),
+        Outcome(r.outcome).value,
+        r.api,
+        r.reason,
+        r.detail,
+        r.spiffe_id,
+        r.serial,
+        r.fingerprint_sha256,
+        _micros("not_before", r.not_before),
+        _micros("not_after", r.not_after),
+        r.namespace,
+        r.service_account,
+        r.pod_name,
+        r.pod_uid,
+        r.node_name,
+        r.peer,
+        r.csr_sha256,
+    )
 
 
 def decode_record(values: Sequence[Any]) -> AuditRecord:
-    fields: dict[str, Any] = dict(zip(_FIELDS, values, strict=True))
-    for name in _TIMES:
-        if fields[name] is not None:
-            fields[name] = _EPOCH + fields[name] * _MICROSECOND
-    fields["outcome"] = Outcome(fields["outcome"])
-    return AuditRecord(**fields)
+    """The record ``encode_record`` made ``values`` of (times in UTC)."""
+    (
+        time_us,
+        outcome,
+        api,
+        reason,
+        detail,
+        spiffe_id,
+        serial,
+        fingerprint,
+        not_before_us,
+        not_after_us,
+        namespace,
+        service_account,
+        pod_name,
+        pod_uid,
+        node_name,
+        peer,
+        csr_sha256,
+    ) = values
+    return AuditRecord(
+        time=_time(time_us),
+        outcome=Outcome(outcome),
+        api=api,
+        reason=reason,
+        detail=detail,
+        spiffe_id=spiffe_id,
+        serial=serial,
+        fingerprint_sha256=fingerprint,
+        not_before=None if not_before_us is None else _time(not_before_us),
+        not_after=None if not_after_us is None else _time(not_after_us),
+        namespace=namespace,
+        service_account=service_account,
+        pod_name=pod_name,
+        pod_uid=pod_uid,
+        node_name=node_name,
+        peer=peer,
+        csr_sha256=csr_sha256,
+    )
+
+
+def _micros(name: str, value: datetime | None) -> int | None:
+    if value is None:
+        return None
+    if value.utcoffset() is None:
+        raise InternalError(f"audit record field {name} is a naive datetime: {value.isoformat()}")
+    return (value - _EPOCH) // _MICROSECOND
+
+
+def _time(micros: int) -> datetime:
+    return _EPOCH + micros * _MICROSECOND
 
 
 def _frame(message: Any) -> bytes:
@@ -95,7 +157,13 @@ class _Batch:
 
 
 class HostRecordWriter:
-    """Commits the records of every connected worker, as many per transaction as are waiting.
+    """Commits the records of every connected worker, many per transaction.
+
+    A transaction costs about as much CPU as a dozen records' inserts (every index's last
+    page, the log's state, the WAL's frames and its fsync), so under load the writer
+    lets records gather for up to ``max_wait`` seconds (or ``max_batch`` records) before
+    committing. It waits only while the last transaction held more than one record: a
+    lone request is committed at once.
 
     ``run`` serves until ``stop`` was called and every worker has hung up (their records
     all committed and answered). A failed transaction fails its records, as
@@ -108,9 +176,14 @@ class HostRecordWriter:
         connections: Sequence[socket.socket],
         *,
         max_batch: int = 1024,
+        max_wait: float = 0.005,
     ) -> None:
         self._committer = committer
         self._max_batch = max_batch
+        self._max_wait = max_wait
+        self._last_batch = 0
+        self._first_pending = 0.0
+        self._pending_records = 0
         self._selector = selectors.DefaultSelector()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
@@ -133,9 +206,7 @@ class HostRecordWriter:
     def run(self) -> None:
         try:
             while self._serving():
-                # Block only when nothing waits to be written: then a commit's worth
-                # of records gathers in the sockets while the previous one runs.
-                for key, events in self._selector.select(None if not self._pending else 0):
+                for key, events in self._selector.select(self._wait_left()):
                     if key.data is None:
                         with contextlib.suppress(BlockingIOError):
                             self._wake_read.recv(64)
@@ -144,14 +215,25 @@ class HostRecordWriter:
                         self._receive(key.data)
                     if events & selectors.EVENT_WRITE:
                         self._send(key.data)
-                if self._pending:
+                if self._pending and self._wait_left() == 0:
                     self._commit_pending()
         finally:
+            self._committer.close()
             for peer in self._peers:
                 self._close(peer)
             self._selector.close()
             self._wake_read.close()
             self._wake_write.close()
+
+    def _wait_left(self) -> float | None:
+        """Seconds the pending records may still wait for company; None when none wait."""
+        if not self._pending:
+            return None
+        if self._last_batch <= 1 or self._pending_records >= self._max_batch:
+            return 0
+        if self._stopping.is_set():
+            return 0
+        return max(0.0, self._first_pending + self._max_wait - time.monotonic())
 
     def _serving(self) -> bool:
         live = any(peer.open for peer in self._peers)
@@ -159,7 +241,7 @@ class HostRecordWriter:
 
     def _receive(self, peer: _Peer) -> None:
         try:
-            data = peer.sock.recv(1 << 20)
+            data = peer.sock.recv(_RECEIVE_BYTES)
         except BlockingIOError:
             return
         except OSError as error:
@@ -180,7 +262,11 @@ class HostRecordWriter:
             payload = bytes(peer.inbox[_HEADER.size : _HEADER.size + length])
             del peer.inbox[: _HEADER.size + length]
             batch_id, rows = marshal.loads(payload)  # noqa: S302 - from our own worker
-            self._pending.append(_Batch(peer, batch_id, [decode_record(r) for r in rows]))
+            if not self._pending:
+                self._first_pending = time.monotonic()
+            records = [stored_record(decode_record(r)) for r in rows]
+            self._pending.append(_Batch(peer, batch_id, records))
+            self._pending_records += len(rows)
 
     def _commit_pending(self) -> None:
         taken: list[_Batch] = []
@@ -189,6 +275,9 @@ class HostRecordWriter:
             batch = self._pending.pop(0)
             taken.append(batch)
             count += len(batch.records)
+        self._pending_records -= count
+        self._last_batch = count
+        self._first_pending = time.monotonic()
         outcomes = self._committer.commit([r for batch in taken for r in batch.records])
         offset = 0
         for batch in taken:
@@ -229,12 +318,16 @@ class RecordWriterClient:
     ``BackendUnavailable`` if it was not committed or the writer is gone; then the
     certificate it describes must not leave. Appends made in one turn of the event loop
     travel in one frame. Cancelling the caller does not withdraw a record already sent.
+
+    The socket is served by event-loop callbacks, without a task or stream objects:
+    every certificate passes through here, so each hop of the loop counts.
     """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._writer: asyncio.StreamWriter | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox = bytearray()
+        self._outbox = bytearray()
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[None]]] = []
         self._in_flight: dict[int, list[asyncio.Future[None]]] = {}
         self._next_batch = 0
@@ -243,72 +336,121 @@ class RecordWriterClient:
         self._closing = False
 
     async def start(self) -> None:
-        """Connect the socket to this event loop; call once before ``append``."""
-        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
-        self._reader_task = asyncio.create_task(self._read_answers(reader))
+        """Serve the socket from this event loop; call once before ``append``."""
+        self._loop = asyncio.get_running_loop()
+        self._sock.setblocking(False)
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
     async def append(self, record: AuditRecord) -> None:
-        values = encode_record(stored_record(record))
-        if self._problem is not None or self._writer is None:
+        values = encode_record(record)
+        if self._problem is not None or self._loop is None:
             raise BackendUnavailable(self._problem or "the record writer is not connected")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = self._loop.create_future()
         if not self._queued:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         self._queued.append((values, future))
         await future
 
     async def aclose(self) -> None:
         """Wait for the answers to everything sent, then hang up."""
-        if self._writer is None:
+        if self._loop is None:
             return
         self._flush()
         self._closing = True
         if self._in_flight and self._problem is None:
             self._drained = asyncio.Event()
             await self._drained.wait()
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
-        if self._reader_task is not None:
-            await asyncio.gather(self._reader_task, return_exceptions=True)
+        self._disconnect()
         self._problem = self._problem or "the record writer connection is closed"
 
     def _flush(self) -> None:
         queued, self._queued = self._queued, []
         if not queued:
             return
-        if self._problem is not None or self._writer is None:
-            self._fail([future for _, future in queued], self._problem or "not connected")
+        if self._problem is not None:
+            self._fail([future for _, future in queued], self._problem)
             return
         self._next_batch += 1
         self._in_flight[self._next_batch] = [future for _, future in queued]
-        self._writer.write(_frame((self._next_batch, [values for values, _ in queued])))
+        self._send(_frame((self._next_batch, [values for values, _ in queued])))
 
-    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+    def _send(self, data: bytes) -> None:
+        if self._outbox:  # earlier bytes still wait for room in the socket
+            self._outbox += data
+            return
         try:
-            while True:
-                (length,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-                batch_id, outcomes = marshal.loads(await reader.readexactly(length))  # noqa: S302
-                futures = self._in_flight.pop(batch_id, [])
-                for index, future in enumerate(futures):
-                    if future.done():  # its caller was cancelled
-                        continue
-                    if outcomes is None or outcomes[index] is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(BackendUnavailable(outcomes[index]))
-                if self._drained is not None and not self._in_flight:
-                    self._drained.set()
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        self._problem = self._problem or "the host's record writer is gone"
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as error:
+            self._lost(f"the host's record writer is gone ({error.strerror or error})")
+            return
+        if sent < len(data):
+            assert self._loop is not None
+            self._outbox += data[sent:]
+            self._loop.add_writer(self._sock.fileno(), self._on_writable)
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self._sock.send(self._outbox)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._lost(f"the host's record writer is gone ({error.strerror or error})")
+            return
+        del self._outbox[:sent]
+        if not self._outbox and self._loop is not None:
+            self._loop.remove_writer(self._sock.fileno())
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(_RECEIVE_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost("the host's record writer is gone")
+            return
+        self._inbox += data
+        while len(self._inbox) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._inbox)
+            if len(self._inbox) < _HEADER.size + length:
+                return
+            payload = bytes(self._inbox[_HEADER.size : _HEADER.size + length])
+            del self._inbox[: _HEADER.size + length]
+            batch_id, outcomes = marshal.loads(payload)  # noqa: S302 - from our supervisor
+            self._settle(self._in_flight.pop(batch_id, []), outcomes)
+        if self._drained is not None and not self._in_flight:
+            self._drained.set()
+
+    @staticmethod
+    def _settle(futures: Sequence[asyncio.Future[None]], outcomes: Any) -> None:
+        for index, future in enumerate(futures):
+            if future.done():  # its caller was cancelled
+                continue
+            if outcomes is None or outcomes[index] is None:
+                future.set_result(None)
+            else:
+                future.set_exception(BackendUnavailable(outcomes[index]))
+
+    def _lost(self, problem: str) -> None:
+        self._problem = self._problem or problem
         if self._in_flight or not self._closing:
             log.error("%s; records in flight are not confirmed", self._problem)
         for futures in self._in_flight.values():
             self._fail(futures, self._problem)
         self._in_flight.clear()
+        self._disconnect()
         if self._drained is not None:
             self._drained.set()
+
+    def _disconnect(self) -> None:
+        if self._loop is not None and self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            if self._outbox:
+                self._loop.remove_writer(self._sock.fileno())
+        self._sock.close()
 
     @staticmethod
     def _fail(futures: Sequence[asyncio.Future[None]], problem: str) -> None:
