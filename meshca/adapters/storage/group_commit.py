@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import logging
 import queue
 import threading
@@ -63,6 +64,11 @@ class BatchCommitter:
     write gate). If the batch fails for another reason than a lost or locked database,
     its rows are retried one per transaction, so one unstorable row cannot fail its
     neighbours. Blocking; used from one thread at a time.
+
+    It keeps one connection: checking one out of the pool for every batch cost more than
+    the inserts of a small batch. A connection that failed with an outage is replaced,
+    and a batch that met a dead kept connection (a restarted server) is tried once more
+    on a new one before it is given up.
     """
 
     def __init__(
@@ -76,6 +82,14 @@ class BatchCommitter:
         self._write = write
         self._what = what
         self._gate = write_gate(engine)
+        self._connection: Connection | None = None
+
+    def close(self) -> None:
+        """Give the kept connection back; a later batch opens a new one."""
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.close()
+            self._connection = None
 
     @property
     def what(self) -> str:
@@ -109,8 +123,28 @@ class BatchCommitter:
 
     def _insert(self, rows: builtins.list[Any]) -> None:
         # One transaction per batch: the commit (and its fsync) is what is shared.
-        with self._gate, self._engine.begin() as connection:
-            self._write(connection, rows)
+        with self._gate:
+            kept = self._connection is not None
+            try:
+                self._transaction(rows)
+            except Exception as error:
+                if not _is_outage(error):
+                    raise
+                self.close()
+                if not kept:
+                    raise
+                self._transaction(rows)  # the kept connection had died: once more, anew
+
+    def _transaction(self, rows: builtins.list[Any]) -> None:
+        if self._connection is None:
+            self._connection = self._engine.connect()
+        try:
+            with self._connection.begin():
+                self._write(self._connection, rows)
+        except Exception as error:
+            if _is_outage(error):
+                self.close()
+            raise
 
     def _failed(self, count: int, error: Exception) -> str:
         summary = error_summary(error, secret=self._engine.url.password)
@@ -242,12 +276,15 @@ class GroupCommitWriter:
     # -- writer thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            batch, stop = self._next_batch()
-            if batch:
-                self._write(batch)
-            if stop:
-                return
+        try:
+            while True:
+                batch, stop = self._next_batch()
+                if batch:
+                    self._write(batch)
+                if stop:
+                    return
+        finally:
+            self._committer.close()
 
     def _next_batch(self) -> tuple[builtins.list[_Pending], bool]:
         """Block for one row, then gather more until full or ``max_wait`` has passed.
