@@ -38,9 +38,9 @@ lint: $(VENV)/.test-installed
 proto: $(VENV)/.test-installed
 	$(PY) tools/gen_protos.py
 
-## bench: meshca against OpenBao's PKI engine, same CSRs, same machine (see bench/README.md)
+## bench: issue 8's five targets against OpenBao's PKI engine, same machine (see bench/README.md)
 bench: $(VENV)/.test-installed
-	$(PY) bench/run.py
+	$(PY) bench/targets.py
 
 clean:
 	rm -rf $(VENV) meshca-dev .pytest_cache .mypy_cache .ruff_cache .hypothesis
