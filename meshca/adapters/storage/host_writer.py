@@ -8,8 +8,10 @@ database work, leaf hashing included, runs on the supervisor's core time, not un
 worker's interpreter lock.
 
 Wire format, both ways: frames of a 4-byte big-endian length and a ``marshal`` payload.
-A worker sends ``(batch, [record, ...])``, each record ``encode_record``'s tuple of the
-``AuditRecord`` fields; the writer answers ``(batch, None)`` when
+A worker sends ``(batch, [record, ...], busy)``, each record ``encode_record``'s tuple
+of the ``AuditRecord`` fields and ``busy`` whether that worker has been using most of a
+core lately (it has other requests in hand, whose records follow soon); the writer
+answers ``(batch, None)`` when
 all were committed, else ``(batch, [None or why-not, ...])``. Both ends are this
 program, over a socket pair no one else holds.
 """
@@ -42,6 +44,10 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
 #: A frame larger than this is a bug, not a batch: the connection is dropped.
 MAX_FRAME = 64 * 1024 * 1024
+#: A worker that used at least this share of a core over the last ``BUSY_WINDOW``
+#: seconds is busy: it has other requests in hand, whose records follow soon.
+BUSY_CPU = 0.7
+BUSY_WINDOW = 0.05
 # Read at most this much per call: a larger request makes Python map a buffer that big
 # for every read, whatever arrives.
 _RECEIVE_BYTES = 256 * 1024
@@ -147,6 +153,7 @@ class _Peer:
     inbox: bytearray = dataclasses.field(default_factory=bytearray)
     outbox: bytearray = dataclasses.field(default_factory=bytearray)
     open: bool = True
+    busy: bool = False
 
 
 @dataclasses.dataclass
@@ -160,10 +167,13 @@ class HostRecordWriter:
     """Commits the records of every connected worker, many per transaction.
 
     A transaction costs about as much CPU as a dozen records' inserts (every index's last
-    page, the log's state, the WAL's frames and its fsync), so under load the writer
+    page, the log's state, the WAL's frames and its fsync), so while a worker says it is
+    busy (it has been using most of a core, so more records follow soon), the writer
     lets records gather for up to ``max_wait`` seconds (or ``max_batch`` records) before
-    committing. It waits only while the last transaction held more than one record: a
-    lone request is committed at once.
+    committing, or until none arrived for ``max_gap``: under load a worker always has
+    other requests to work on, so the wait costs latency, not throughput, and saves the
+    writer CPU the workers need. When no worker is busy, or the last transaction held a
+    single record, it commits at once.
 
     ``run`` serves until ``stop`` was called and every worker has hung up (their records
     all committed and answered). A failed transaction fails its records, as
@@ -177,10 +187,13 @@ class HostRecordWriter:
         *,
         max_batch: int = 1024,
         max_wait: float = 0.005,
+        max_gap: float = 0.002,
     ) -> None:
         self._committer = committer
         self._max_batch = max_batch
         self._max_wait = max_wait
+        self._max_gap = max_gap
+        self._last_arrival = 0.0
         self._last_batch = 0
         self._first_pending = 0.0
         self._pending_records = 0
@@ -229,11 +242,17 @@ class HostRecordWriter:
         """Seconds the pending records may still wait for company; None when none wait."""
         if not self._pending:
             return None
-        if self._last_batch <= 1 or self._pending_records >= self._max_batch:
+        if self._pending_records >= self._max_batch or self._stopping.is_set():
             return 0
-        if self._stopping.is_set():
+        if self._last_batch <= 1 or not any(peer.busy for peer in self._peers if peer.open):
             return 0
-        return max(0.0, self._first_pending + self._max_wait - time.monotonic())
+        # Until max_wait, unless the records stopped coming for max_gap: then the few
+        # requests in flight are all here, and waiting longer would gain nothing.
+        now = time.monotonic()
+        return max(
+            0.0,
+            min(self._first_pending + self._max_wait, self._last_arrival + self._max_gap) - now,
+        )
 
     def _serving(self) -> bool:
         live = any(peer.open for peer in self._peers)
@@ -261,9 +280,10 @@ class HostRecordWriter:
                 return
             payload = bytes(peer.inbox[_HEADER.size : _HEADER.size + length])
             del peer.inbox[: _HEADER.size + length]
-            batch_id, rows = marshal.loads(payload)  # noqa: S302 - from our own worker
+            batch_id, rows, peer.busy = marshal.loads(payload)  # noqa: S302 - our worker
+            self._last_arrival = time.monotonic()
             if not self._pending:
-                self._first_pending = time.monotonic()
+                self._first_pending = self._last_arrival
             records = [stored_record(decode_record(r)) for r in rows]
             self._pending.append(_Batch(peer, batch_id, records))
             self._pending_records += len(rows)
@@ -325,6 +345,9 @@ class RecordWriterClient:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._window_at = 0.0
+        self._window_cpu = 0.0
+        self._busy = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox = bytearray()
         self._outbox = bytearray()
@@ -372,7 +395,17 @@ class RecordWriterClient:
             return
         self._next_batch += 1
         self._in_flight[self._next_batch] = [future for _, future in queued]
-        self._send(_frame((self._next_batch, [values for values, _ in queued])))
+        busy = self._busy_lately()
+        self._send(_frame((self._next_batch, [values for values, _ in queued], busy)))
+
+    def _busy_lately(self) -> bool:
+        """Whether this process used at least ``BUSY_CPU`` of a core in its last window."""
+        now = time.monotonic()
+        if now - self._window_at >= BUSY_WINDOW:
+            cpu = time.process_time()
+            self._busy = (cpu - self._window_cpu) >= BUSY_CPU * (now - self._window_at)
+            self._window_at, self._window_cpu = now, cpu
+        return self._busy
 
     def _send(self, data: bytes) -> None:
         if self._outbox:  # earlier bytes still wait for room in the socket

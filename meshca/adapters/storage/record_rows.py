@@ -112,19 +112,34 @@ def insert_records(connection: Connection, records: Sequence[AuditRecord]) -> No
     if not records:
         return
     start = reserve_leaves(connection, len(records))
-    sqlite_times = connection.dialect.name == "sqlite"
+    time = _sqlite_time if connection.dialect.name == "sqlite" else _as_is
     rows = []
-    for offset, record in enumerate(records):
+    for offset, r in enumerate(records):
         index = start + offset
-        values: list[Any] = [index, leaf_hash(leaf_data(index, leaf_body(record)))]
-        for name in _RECORD_FIELDS:
-            value = getattr(record, name)
-            if isinstance(value, datetime):
-                value = _sqlite_time(value) if sqlite_times else value
-            elif name == "outcome":
-                value = value.value
-            values.append(value)
-        rows.append(tuple(values))
+        # Column by column in _COLUMNS order: this runs for every record of the log.
+        rows.append(
+            (
+                index,
+                leaf_hash(leaf_data(index, leaf_body(r))),
+                time(r.time),
+                r.outcome.value,
+                r.api,
+                r.reason,
+                r.detail,
+                r.spiffe_id,
+                r.serial,
+                r.fingerprint_sha256,
+                None if r.not_before is None else time(r.not_before),
+                None if r.not_after is None else time(r.not_after),
+                r.namespace,
+                r.service_account,
+                r.pod_name,
+                r.pod_uid,
+                r.node_name,
+                r.peer,
+                r.csr_sha256,
+            )
+        )
     connection.exec_driver_sql(_insert_sql(connection), rows)
 
 
@@ -136,6 +151,10 @@ def reserve_leaves(connection: Connection, count: int) -> int:
         end = _reserve(connection, count)
         assert end is not None
     return end - count
+
+
+def _as_is(value: datetime) -> datetime:
+    return value
 
 
 def _sqlite_time(value: datetime) -> str:

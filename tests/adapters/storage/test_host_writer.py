@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import marshal
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -268,3 +270,55 @@ def test_wire_round_trip(
     decoded = decode_record(encode_record(record))
     assert decoded == record
     assert decoded.time.tzinfo is UTC
+
+
+def _frame_of(message: Any) -> bytes:
+    payload = marshal.dumps(message)
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def _answer(sock: socket.socket) -> Any:
+    header = b""
+    while len(header) < 4:
+        header += sock.recv(4 - len(header))
+    length = int.from_bytes(header, "big")
+    payload = b""
+    while len(payload) < length:
+        payload += sock.recv(length - len(payload))
+    return marshal.loads(payload)
+
+
+def test_busy_workers_share_commits_and_still_get_answers(engine: Engine) -> None:
+    """Frames from a worker that says it is busy wait (at most max_wait) for company."""
+    commits = 0
+
+    def count_commit(_connection: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    event.listen(engine, "commit", count_commit)
+    ours, theirs = socket.socketpair()
+    committer = BatchCommitter(engine, insert_records, what="issuance record")
+    writer = HostRecordWriter(committer, [ours], max_wait=0.5, max_gap=0.5)
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    theirs.settimeout(NO_HANG)
+    try:
+        # Two records in one frame make the last batch more than one record...
+        first = [encode_record(stored_record(make_record(n))) for n in range(2)]
+        theirs.sendall(_frame_of((1, first, True)))
+        assert _answer(theirs) == (1, None)
+        # ...so busy frames now gather: three frames, sent apart, share one commit.
+        before = commits
+        for batch in range(2, 5):
+            theirs.sendall(_frame_of((batch, [encode_record(make_record(batch + 10))], True)))
+            time.sleep(0.02)
+        assert sorted(_answer(theirs) for _ in range(3)) == [(2, None), (3, None), (4, None)]
+        assert commits - before == 1
+    finally:
+        theirs.close()
+        writer.stop()
+        thread.join(NO_HANG)
+        event.remove(engine, "commit", count_commit)
+    assert not thread.is_alive()
+    assert len(leaves(engine)) == 5
