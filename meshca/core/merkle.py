@@ -29,6 +29,7 @@ __all__ = [
     "Subtree",
     "consistency_proof",
     "consistency_ranges",
+    "fold_levels",
     "inclusion_proof",
     "inclusion_ranges",
     "leaf_hash",
@@ -54,6 +55,24 @@ def leaf_hash(data: bytes) -> bytes:
 def node_hash(left: bytes, right: bytes) -> bytes:
     """SHA-256(0x01 || left || right)."""
     return hashlib.sha256(_NODE + left + right).digest()
+
+
+def fold_levels(hashes: Sequence[bytes], levels: int) -> list[bytes]:
+    """The roots of consecutive perfect subtrees of ``2**levels`` hashes each.
+
+    ``len(hashes)`` must be a multiple of ``2**levels``. One level at a time over the
+    whole run: this is how tree heads cache a minute's new leaves, so each hash is one
+    list step rather than a method call.
+    """
+    if len(hashes) % (1 << levels):
+        raise ValueError(f"{len(hashes)} hashes are not whole subtrees of {1 << levels}")
+    layer = list(hashes)
+    for _ in range(levels):
+        layer = [
+            hashlib.sha256(_NODE + layer[i] + layer[i + 1]).digest()
+            for i in range(0, len(layer), 2)
+        ]
+    return layer
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -48,9 +48,9 @@ from meshca.core.log import (
 from meshca.core.log_audit import LogVerifier, VerificationReport
 from meshca.core.merkle import (
     EMPTY_ROOT,
-    CompactRange,
     Subtree,
     consistency_ranges,
+    fold_levels,
     inclusion_ranges,
     range_hash,
     subtrees_of,
@@ -413,14 +413,7 @@ class SqlTransparencyLog:
 
 def _fold(hashes: Sequence[bytes], levels: int) -> builtins.list[bytes]:
     """Each run of ``2**levels`` subtree hashes, hashed up to one node."""
-    width = 1 << levels
-    out = []
-    for start in range(0, len(hashes), width):
-        compact = CompactRange()
-        for value in hashes[start : start + width]:
-            compact.append(value)
-        out.append(compact.root())
-    return out
+    return fold_levels(hashes, levels)
 
 
 class _Reading:
