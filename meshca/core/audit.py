@@ -24,9 +24,11 @@ __all__ = [
     "Outcome",
     "decode_cursor",
     "encode_cursor",
+    "encode_time",
     "entry_leaf_data",
     "leaf_body",
     "leaf_data",
+    "record_times",
 ]
 
 
@@ -78,7 +80,8 @@ class LogEntry:
     record: AuditRecord
 
 
-def _encode_time(value: datetime) -> str:
+def encode_time(value: datetime) -> str:
+    """A record time as the log encodes it: RFC 3339 in UTC, six fractional digits, ``Z``."""
     if value.tzinfo is not UTC:
         if value.utcoffset() is None:
             raise ValueError(f"naive datetime {value.isoformat()} has no canonical encoding")
@@ -86,8 +89,8 @@ def _encode_time(value: datetime) -> str:
     return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-def _time_field(value: datetime | None) -> bytes:
-    return _ABSENT if value is None else _text_field(_encode_time(value))
+def _time_field(value: str | None) -> bytes:
+    return _ABSENT if value is None else _text_field(value)
 
 
 def _text_field(value: object) -> bytes:
@@ -97,20 +100,33 @@ def _text_field(value: object) -> bytes:
     return _PRESENT + len(data).to_bytes(4, "big") + data
 
 
-def leaf_body(record: AuditRecord) -> bytes:
+def record_times(record: AuditRecord) -> tuple[str, str | None, str | None]:
+    """``encode_time`` of the record's time, notBefore and notAfter (None when absent)."""
+    return (
+        encode_time(record.time),
+        None if record.not_before is None else encode_time(record.not_before),
+        None if record.not_after is None else encode_time(record.not_after),
+    )
+
+
+def leaf_body(
+    record: AuditRecord, times: tuple[str, str | None, str | None] | None = None
+) -> bytes:
     """The canonical encoding of ``record``'s fields, in ``AuditRecord`` field order.
 
     Each field is 0x00 when absent, else 0x01, a 4-byte big-endian length and the UTF-8
-    text. Times are RFC 3339 in UTC with exactly six fractional digits and a ``Z``;
-    ``outcome`` is its value (``issued``/``refused``). Text must already be storable
-    (no NUL, no lone surrogates): records are encoded as they are stored.
+    text. Times are RFC 3339 in UTC with exactly six fractional digits and a ``Z``
+    (``encode_time``); ``outcome`` is its value (``issued``/``refused``). Text must
+    already be storable (no NUL, no lone surrogates): records are encoded as they are
+    stored. ``times`` are the record's ``record_times`` when the caller has them already.
     """
     # Field by field, in declaration order (a test checks it against a loop over
     # fields()): every record of the log passes through here.
     r = record
+    time, not_before, not_after = record_times(r) if times is None else times
     return b"".join(
         (
-            _time_field(r.time),
+            _time_field(time),
             _text_field(r.outcome),
             _text_field(r.api),
             _text_field(r.reason),
@@ -118,8 +134,8 @@ def leaf_body(record: AuditRecord) -> bytes:
             _text_field(r.spiffe_id),
             _text_field(r.serial),
             _text_field(r.fingerprint_sha256),
-            _time_field(r.not_before),
-            _time_field(r.not_after),
+            _time_field(not_before),
+            _time_field(not_after),
             _text_field(r.namespace),
             _text_field(r.service_account),
             _text_field(r.pod_name),

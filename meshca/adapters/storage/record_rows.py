@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from meshca.adapters.storage.tables import IssuanceRecordRow, LogStateRow
-from meshca.core.audit import AuditRecord, Outcome, leaf_body, leaf_data
+from meshca.core.audit import AuditRecord, Outcome, leaf_body, leaf_data, record_times
 from meshca.core.errors import InternalError
 from meshca.core.merkle import leaf_hash
 
@@ -112,16 +111,24 @@ def insert_records(connection: Connection, records: Sequence[AuditRecord]) -> No
     if not records:
         return
     start = reserve_leaves(connection, len(records))
-    time = _sqlite_time if connection.dialect.name == "sqlite" else _as_is
+    sqlite_times = connection.dialect.name == "sqlite"
     rows = []
     for offset, r in enumerate(records):
         index = start + offset
+        # Each time is formatted once, for the leaf and (on SQLite) for its column.
+        times = record_times(r)
+        stored: tuple[Any, Any, Any] = (
+            (_sqlite_time(times[0]), _sqlite_time(times[1]), _sqlite_time(times[2]))
+            if sqlite_times
+            else (r.time, r.not_before, r.not_after)
+        )
+        time, not_before, not_after = stored
         # Column by column in _COLUMNS order: this runs for every record of the log.
         rows.append(
             (
                 index,
-                leaf_hash(leaf_data(index, leaf_body(r))),
-                time(r.time),
+                leaf_hash(leaf_data(index, leaf_body(r, times))),
+                time,
                 r.outcome.value,
                 r.api,
                 r.reason,
@@ -129,8 +136,8 @@ def insert_records(connection: Connection, records: Sequence[AuditRecord]) -> No
                 r.spiffe_id,
                 r.serial,
                 r.fingerprint_sha256,
-                None if r.not_before is None else time(r.not_before),
-                None if r.not_after is None else time(r.not_after),
+                not_before,
+                not_after,
                 r.namespace,
                 r.service_account,
                 r.pod_name,
@@ -153,14 +160,10 @@ def reserve_leaves(connection: Connection, count: int) -> int:
     return end - count
 
 
-def _as_is(value: datetime) -> datetime:
-    return value
-
-
-def _sqlite_time(value: datetime) -> str:
-    # What SQLAlchemy's SQLite DATETIME stores: naive UTC text that sorts as time does.
-    utc = value if value.tzinfo is UTC else value.astimezone(UTC)
-    return utc.replace(tzinfo=None).isoformat(" ", "microseconds")
+def _sqlite_time(encoded: str | None) -> str | None:
+    """What SQLAlchemy's SQLite DATETIME stores, from ``encode_time``'s text: naive UTC
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, which sorts as time does."""
+    return None if encoded is None else f"{encoded[:10]} {encoded[11:-1]}"
 
 
 def _insert_sql(connection: Connection) -> str:
