@@ -12,10 +12,10 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtensionOID, SignatureAlgorithmOID
 
 from meshca.core.errors import InvalidRequest, MalformedCsr, RequestTooLarge, WeakKey
 
@@ -71,8 +71,8 @@ def parse_csr(data: bytes) -> CsrRequest:
     except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise MalformedCsr(f"CSR could not be parsed: {_first_line(exc)}") from None
     try:
-        signature_ok = csr.is_signature_valid
         public_key = csr.public_key()
+        signature_ok = _signature_verifies(csr, public_key)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         # Unsupported or corrupt key and signature algorithms surface here.
         raise MalformedCsr(f"CSR could not be verified: {_first_line(exc)}") from None
@@ -86,6 +86,31 @@ def parse_csr(data: bytes) -> CsrRequest:
         uri_sans=_uri_sans(extensions),
         sha256=hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest(),
     )
+
+
+def _signature_verifies(csr: x509.CertificateSigningRequest, key: object) -> bool:
+    """The CSR's self-signature checked with the key already parsed (``is_signature_valid``
+    parses it again); keys meshca never accepts still go through ``is_signature_valid``."""
+    params = csr.signature_algorithm_parameters
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if not isinstance(params, ec.ECDSA):
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, params)
+        elif isinstance(key, rsa.RSAPublicKey):
+            digest = csr.signature_hash_algorithm
+            if not isinstance(params, padding.PKCS1v15 | padding.PSS) or digest is None:
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes, params, digest)
+        elif isinstance(key, ed25519.Ed25519PublicKey):
+            if csr.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
+                return False
+            key.verify(csr.signature, csr.tbs_certrequest_bytes)
+        else:
+            return csr.is_signature_valid
+    except InvalidSignature:
+        return False
+    return True
 
 
 def _check_key(key: object) -> LeafPublicKey:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -356,3 +357,35 @@ def test_seed_outcomes() -> None:
     """The mutation seeds cover every outcome, so mutations start from each branch."""
     outcomes = {type(_parse_or_refuse(seed)).__name__ for seed in SEEDS}
     assert outcomes == {"CsrRequest", "WeakKey", "InvalidRequest"}
+
+
+def test_rsa_pss_signed_csr_is_accepted() -> None:
+    key = private_key("rsa-2048")
+    assert isinstance(key, rsa.RSAPrivateKey)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256(), rsa_padding=pss)
+    )
+    parsed = parse_csr(csr.public_bytes(Encoding.DER))
+    assert parsed.public_key == key.public_key()
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        pytest.param(
+            "2a8648ce3d040302", "2a8648ce3d040303", id="fail/ecdsa-sha256-claimed-as-sha384"
+        ),
+        pytest.param(
+            "2a8648ce3d040302", "2a864886f70d0101", id="fail/ecdsa-claimed-as-rsa"
+        ),
+    ],
+)
+def test_signature_algorithm_swapped_after_signing_is_refused(old: str, new: str) -> None:
+    """The algorithm named outside the signed part is not trusted to say how to verify."""
+    forged = replace_once(csr_der(private_key("ec-p256")), bytes.fromhex(old), bytes.fromhex(new))
+    with pytest.raises(MalformedCsr) as caught:
+        parse_csr(forged)
+    assert caught.value.reason in {"csr-bad-signature", "malformed-csr"}
