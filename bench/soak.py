@@ -96,6 +96,7 @@ def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
                     "other_cpu_cores": busy * (os.cpu_count() or 1)
                     - cpu / result.wall_seconds
                     - result.h2load_cpu_seconds / result.wall_seconds,
+                    "machine_steal": machine.steal_fraction_since(machine_before),
                     "rss_kib": sum(memory.values()),
                     "rss_kib_by_pid": memory,
                     "db_bytes": sum(
@@ -108,7 +109,8 @@ def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
                     f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
                     f"CPU {row['server_cpu_ms_per_cert']:.2f} ms/cert  "
                     f"RSS {row['rss_kib'] / 1024:6.1f} MiB  DB {row['db_bytes'] / 2**20:7.1f} MiB"
-                    f"  other CPU {row['other_cpu_cores']:.2f}",
+                    f"  other CPU {row['other_cpu_cores']:.2f}"
+                    f"  steal {100 * row['machine_steal']:.0f}%",
                     flush=True,
                 )
             issued_after = counter.read()
