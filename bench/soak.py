@@ -57,6 +57,22 @@ def rss_kib(pgid: int) -> dict[int, int]:
     return found
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_pid(pgid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each process in ``pgid``'s group."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return found
+
+
 def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
     h2load = ensure_h2load()
     chunks: list[dict[str, Any]] = []
@@ -68,6 +84,7 @@ def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
             data_dir = workdir / "meshca-data"
             for index in range(issuances // chunk):
                 cpu_before, machine_before = cpu_seconds([target.pgid]), machine_cpu()
+                by_pid_before = cpu_by_pid(target.pgid)
                 result = run_h2load(
                     h2load,
                     target.url,
@@ -81,6 +98,10 @@ def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
                     timeout=120 + chunk / 20,
                 )
                 cpu = cpu_seconds([target.pgid]) - cpu_before
+                by_pid = {
+                    pid: seconds - by_pid_before.get(pid, 0.0)
+                    for pid, seconds in cpu_by_pid(target.pgid).items()
+                }
                 machine = machine_cpu()
                 busy = machine.busy_fraction_since(machine_before)
                 memory = rss_kib(target.pgid)
@@ -97,6 +118,13 @@ def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
                     - cpu / result.wall_seconds
                     - result.h2load_cpu_seconds / result.wall_seconds,
                     "machine_steal": machine.steal_fraction_since(machine_before),
+                    # Per process, ms per certificate: the supervisor (lowest pid, the
+                    # record writer) and the workers, to tell whose cost moves.
+                    "cpu_ms_per_cert_by_pid": {
+                        pid: 1000 * seconds / max(result.done, 1)
+                        for pid, seconds in sorted(by_pid.items())
+                        if seconds > 0.01
+                    },
                     "rss_kib": sum(memory.values()),
                     "rss_kib_by_pid": memory,
                     "db_bytes": sum(
@@ -110,7 +138,8 @@ def soak(issuances: int, chunk: int, concurrency: int) -> dict[str, Any]:
                     f"CPU {row['server_cpu_ms_per_cert']:.2f} ms/cert  "
                     f"RSS {row['rss_kib'] / 1024:6.1f} MiB  DB {row['db_bytes'] / 2**20:7.1f} MiB"
                     f"  other CPU {row['other_cpu_cores']:.2f}"
-                    f"  steal {100 * row['machine_steal']:.0f}%",
+                    f"  steal {100 * row['machine_steal']:.0f}%  ms/cert by process "
+                    + " ".join(f"{v:.2f}" for v in row["cpu_ms_per_cert_by_pid"].values()),
                     flush=True,
                 )
             issued_after = counter.read()

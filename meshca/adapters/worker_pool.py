@@ -30,8 +30,9 @@ class WorkerPool:
     """``count`` processes running ``target(listen, record_socket)``, then the writer.
 
     ``run`` returns an exit code: 0 when every worker stopped on SIGTERM or SIGINT (sent
-    to the supervisor, which passes it on), 1 when one failed. The record writer keeps
-    serving until every worker has exited, so their last records are committed.
+    to the supervisor, which passes it on), 1 when one failed or the record writer
+    stopped under them. The record writer keeps serving until every worker has exited,
+    so their last records are committed.
     """
 
     def __init__(
@@ -52,7 +53,12 @@ class WorkerPool:
         listen, placeholder = _reserve_port(self._listen)
         pairs = [socket.socketpair() for _ in range(self._count)]
         writer = self._make_writer([ours for ours, _ in pairs])
-        writing = threading.Thread(target=writer.run, name="meshca-host-writer", daemon=True)
+        # Closed when the writer's thread ends, however it ends: the supervisor wakes.
+        writer_done, writer_gone = socket.socketpair()
+        writing = threading.Thread(
+            target=_run_then_close, args=(writer.run, writer_done), name="meshca-host-writer"
+        )
+        writing.daemon = True
         writing.start()
         context = multiprocessing.get_context("spawn")
         workers = [
@@ -66,7 +72,7 @@ class WorkerPool:
                 # The child holds its own copy now: when it exits, the writer sees EOF.
                 theirs.close()
             log.info("started %d workers on %s", len(workers), listen)
-            return self._supervise(workers)
+            return self._supervise(workers, writer_gone)
         finally:
             _stop(workers)
             for process in workers:
@@ -74,19 +80,26 @@ class WorkerPool:
                     process.join()
             writer.stop()
             writing.join()
+            writer_gone.close()
             if placeholder is not None:
                 placeholder.close()
 
-    def _supervise(self, workers: Sequence[multiprocessing.process.BaseProcess]) -> int:
+    def _supervise(
+        self, workers: Sequence[multiprocessing.process.BaseProcess], writer_gone: socket.socket
+    ) -> int:
         previous = {
             sig: signal.signal(sig, lambda *_: _stop(workers))
             for sig in (signal.SIGTERM, signal.SIGINT)
         }
         try:
-            # If one worker dies, stop the rest: a supervisor above restarts us whole.
-            multiprocessing.connection.wait([p.sentinel for p in workers])
+            # If one worker dies, or the writer under them, stop the rest: a supervisor
+            # above restarts us whole.
+            ready = multiprocessing.connection.wait([writer_gone, *(p.sentinel for p in workers)])
             _stop(workers)
             exit_code = 0
+            if writer_gone in ready:
+                log.error("the issuance-record writer stopped; stopping the workers")
+                exit_code = 1
             for process in workers:
                 process.join()
                 if process.exitcode not in (0, -signal.SIGTERM):
@@ -95,6 +108,15 @@ class WorkerPool:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _run_then_close(run: Callable[[], None], done: socket.socket) -> None:
+    try:
+        run()
+    except Exception:
+        log.exception("the issuance-record writer failed")
+    finally:
+        done.close()
 
 
 def _stop(workers: Sequence[multiprocessing.process.BaseProcess]) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from meshca.adapters.storage.engine import error_summary
 from meshca.adapters.storage.group_commit import GroupCommitWriter, WriterCounters
+from meshca.adapters.storage.record_rows import storable
 from meshca.adapters.storage.tables import DecisionRecordRow
 from meshca.core.errors import BackendUnavailable, InternalError
 from meshca.core.policy import DecisionRecord
@@ -31,15 +32,7 @@ log = logging.getLogger(__name__)
 
 def _storable(text: str | None) -> str | None:
     """``text`` with NUL and lone surrogates (which PostgreSQL cannot hold) escaped."""
-    if text is None:
-        return None
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text
+    return None if text is None else storable(text)
 
 
 def _to_row(record: DecisionRecord) -> dict[str, Any]:

@@ -11,9 +11,9 @@ Wire format, both ways: frames of a 4-byte big-endian length and a ``marshal`` p
 A worker sends ``(batch, [record, ...], busy)``, each record ``encode_record``'s tuple
 of the ``AuditRecord`` fields and ``busy`` whether that worker has been using most of a
 core lately (it has other requests in hand, whose records follow soon); the writer
-answers ``(batch, None)`` when
-all were committed, else ``(batch, [None or why-not, ...])``. Both ends are this
-program, over a socket pair no one else holds.
+answers ``(batch, None)`` when all were committed, else ``(batch, [None or why-not,
+...])``. Both ends are this program, over a socket pair no one else holds; a frame
+that does not decode drops that worker's connection (its pending appends then fail).
 """
 
 from __future__ import annotations
@@ -280,11 +280,16 @@ class HostRecordWriter:
                 return
             payload = bytes(peer.inbox[_HEADER.size : _HEADER.size + length])
             del peer.inbox[: _HEADER.size + length]
-            batch_id, rows, peer.busy = marshal.loads(payload)  # noqa: S302 - our worker
+            try:
+                batch_id, rows, peer.busy = marshal.loads(payload)  # noqa: S302 - our worker
+                records = [stored_record(decode_record(r)) for r in rows]
+            except (ValueError, TypeError, EOFError, InternalError) as error:
+                log.error("record writer: a worker sent a frame it cannot read: %s", error)
+                self._close(peer)
+                return
             self._last_arrival = time.monotonic()
             if not self._pending:
                 self._first_pending = self._last_arrival
-            records = [stored_record(decode_record(r)) for r in rows]
             self._pending.append(_Batch(peer, batch_id, records))
             self._pending_records += len(rows)
 

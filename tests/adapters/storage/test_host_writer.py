@@ -322,3 +322,26 @@ def test_busy_workers_share_commits_and_still_get_answers(engine: Engine) -> Non
         event.remove(engine, "commit", count_commit)
     assert not thread.is_alive()
     assert len(leaves(engine)) == 5
+
+
+def test_unreadable_frame_drops_that_worker_only(engine: Engine) -> None:
+    bad, bad_theirs = socket.socketpair()
+    good, good_theirs = socket.socketpair()
+    committer = BatchCommitter(engine, insert_records, what="issuance record")
+    writer = HostRecordWriter(committer, [bad, good])
+    thread = threading.Thread(target=writer.run, daemon=True)
+    thread.start()
+    for sock in (bad_theirs, good_theirs):
+        sock.settimeout(NO_HANG)
+    try:
+        bad_theirs.sendall(_frame_of(("not", "a batch")))
+        assert bad_theirs.recv(1) == b""  # the writer hung up on it
+        good_theirs.sendall(_frame_of((1, [encode_record(make_record(0))], False)))
+        assert _answer(good_theirs) == (1, None)
+    finally:
+        bad_theirs.close()
+        good_theirs.close()
+        writer.stop()
+        thread.join(NO_HANG)
+    assert not thread.is_alive()
+    assert len(leaves(engine)) == 1
