@@ -29,7 +29,6 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from meshca.adapters.storage.engine import error_summary, write_gate
@@ -270,17 +269,9 @@ class SqlTransparencyLog:
                     hi = min(lo + _CHUNK_NODES, want)
                     with self._engine.connect() as connection:
                         hashes = self._hashes_at(connection, level, lo, hi)
-                    rows = [
-                        {"level": level, "idx": lo + offset, "hash": value}
-                        for offset, value in enumerate(hashes)
-                    ]
+                    rows = [(level, lo + offset, value) for offset, value in enumerate(hashes)]
                     with self._engine.begin() as connection:
-                        upsert = (
-                            postgresql.insert
-                            if connection.dialect.name == "postgresql"
-                            else sqlite.insert
-                        )
-                        connection.execute(upsert(LogNodeRow).on_conflict_do_nothing(), rows)
+                        connection.exec_driver_sql(_insert_nodes_sql(connection), rows)
                     written += len(rows)
                 level += STRIDE
         except _Missing as missing:
@@ -400,15 +391,33 @@ class SqlTransparencyLog:
         return [bytes(stored[i]) for i in range(lo, hi)]
 
     def _leaf_hashes(self, connection: Connection, lo: int, hi: int) -> builtins.list[bytes]:
-        rows = connection.execute(
-            select(IssuanceRecordRow.leaf_index, IssuanceRecordRow.leaf_hash)
-            .where(IssuanceRecordRow.leaf_index >= lo, IssuanceRecordRow.leaf_index < hi)
-            .order_by(IssuanceRecordRow.leaf_index)
-        ).all()
+        # Plain SQL and plain tuples: a tree head reads every leaf hash since the last one.
+        marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+        table = IssuanceRecordRow.__tablename__
+        rows = connection.exec_driver_sql(
+            f"SELECT leaf_hash FROM {table} "  # noqa: S608 - constants; values are bound
+            f"WHERE leaf_index >= {marker} AND leaf_index < {marker} ORDER BY leaf_index",
+            (lo, hi),
+        ).fetchall()
         if len(rows) != hi - lo:
-            found = {int(r.leaf_index) for r in rows}
+            found = set(
+                connection.execute(
+                    select(IssuanceRecordRow.leaf_index).where(
+                        IssuanceRecordRow.leaf_index >= lo, IssuanceRecordRow.leaf_index < hi
+                    )
+                ).scalars()
+            )
             raise _Missing(next(i for i in range(lo, hi) if i not in found))
-        return [bytes(r.leaf_hash) for r in rows]
+        return [bytes(value) for (value,) in rows]
+
+
+def _insert_nodes_sql(connection: Connection) -> str:
+    # Plain SQL, as thousands of nodes go in at once; both databases skip existing nodes.
+    marker = "?" if connection.dialect.paramstyle == "qmark" else "%s"
+    return (
+        f"INSERT INTO {LogNodeRow.__tablename__} (level, idx, hash) "  # noqa: S608
+        f"VALUES ({marker}, {marker}, {marker}) ON CONFLICT DO NOTHING"
+    )
 
 
 def _fold(hashes: Sequence[bytes], levels: int) -> builtins.list[bytes]:
