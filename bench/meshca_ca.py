@@ -57,6 +57,8 @@ __all__ = [
     "bench_postgres",
     "dedicated_database",
     "meshca_ca",
+    "serve_argv",
+    "trust_bundle",
 ]
 
 METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
@@ -97,31 +99,15 @@ def meshca_ca(
     token = issuer.mint(NAMESPACE, SERVICE_ACCOUNT, AUDIENCE, now=datetime.now(UTC))
     port = free_port()
     target = f"{LOCALHOST}:{port}"
-    command, cwd = _meshca_argv()
-    argv = [
-        *command,
-        "serve",
-        "--listen",
+    argv, cwd = serve_argv(
         target,
-        "--data-dir",
-        str(data_dir),
-        "--trust-domain",
-        TRUST_DOMAIN,
-        "--k8s-mode",
-        "jwks",
-        "--k8s-issuer",
-        issuer.issuer,
-        "--k8s-jwks-file",
-        str(issuer.jwks_path),
-        "--k8s-audience",
-        AUDIENCE,
-        *([] if tls else ["--plaintext"]),
-        *(["--database-url", database_url] if database_url else []),
-        "--workers",
-        str(WORKERS),
-        "--log-level",
-        "warning",
-    ]
+        data_dir,
+        issuer,
+        [
+            *([] if tls else ["--plaintext"]),
+            *(["--database-url", database_url] if database_url else []),
+        ],
+    )
     # Flags only: a MESHCA_* variable in the caller's environment must not change the setup.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
     body = workdir / f"{name}-body.bin"
@@ -129,7 +115,7 @@ def meshca_ca(
     body.write_bytes(grpc_frame(request.SerializeToString()))
     with managed_group(argv, workdir / f"{name}.log", env=env, cwd=cwd) as proc:
         alive = lambda: proc.poll() is None  # noqa: E731
-        roots = _trust_bundle(data_dir, env, alive, START_TIMEOUT) if tls else None
+        roots = trust_bundle(data_dir, env, alive, START_TIMEOUT) if tls else None
         _wait_serving(target, alive, START_TIMEOUT, roots)
         _check_one(target, token, csr_pem, roots)
         records = _IssuedCounter(database_url or data_dir / "meshca.db")
@@ -152,7 +138,39 @@ def meshca_ca(
             records.close()
 
 
-def _trust_bundle(
+def serve_argv(
+    listen: str, data_dir: Path, issuer: DevTokenIssuer, extra: list[str]
+) -> tuple[list[str], Path | None]:
+    """``meshca serve`` as the bench runs it (jwks mode against ``issuer``, ``WORKERS``
+    workers, warnings only) plus ``extra``; and the directory to run it in."""
+    command, cwd = _meshca_argv()
+    argv = [
+        *command,
+        "serve",
+        "--listen",
+        listen,
+        "--data-dir",
+        str(data_dir),
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--k8s-mode",
+        "jwks",
+        "--k8s-issuer",
+        issuer.issuer,
+        "--k8s-jwks-file",
+        str(issuer.jwks_path),
+        "--k8s-audience",
+        AUDIENCE,
+        *extra,
+        "--workers",
+        str(WORKERS),
+        "--log-level",
+        "warning",
+    ]
+    return argv, cwd
+
+
+def trust_bundle(
     data_dir: Path, env: Mapping[str, str], alive: Callable[[], bool], timeout: float
 ) -> bytes:
     """meshca's roots as PEM, from ``meshca ca bundle`` once the starting server made them."""

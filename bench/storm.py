@@ -64,15 +64,15 @@ from storm_workload import (
 )
 
 from loadgen import percentile
+from meshca_ca import WORKERS, serve_argv, trust_bundle
 from procs import LOCALHOST, free_port, group_cpu_seconds, machine_cpu, managed_group
-from workload import NAMESPACE, SERVICE_ACCOUNT, SPIFFE_ID, TRUST_DOMAIN, make_csr
+from workload import NAMESPACE, SERVICE_ACCOUNT, SPIFFE_ID, make_csr
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 AUDIENCE = "meshca"
-WORKERS = 2
 SERVER_NAME = "localhost"  # meshca's default --server-name; its certificate also has 127.0.0.1
 START_TIMEOUT = 60.0
 TARGET_SECONDS = 5.0
@@ -155,14 +155,6 @@ class Server:
     backlog: tuple[int, ...]  # each listening socket's accept-queue limit, from ss
 
 
-def _meshca_argv() -> tuple[list[str], Path | None]:
-    """``.venv/bin/meshca`` when installed; else ``python -m meshca`` from the repo root."""
-    script = Path(sys.executable).parent / "meshca"
-    if script.exists():
-        return [str(script)], None
-    return [sys.executable, "-m", "meshca"], REPO
-
-
 @contextlib.contextmanager
 def meshca_tls(workdir: Path, issuer: DevTokenIssuer) -> Iterator[Server]:
     """``meshca serve`` over TLS, jwks mode, two workers, in ``workdir``; ready to use.
@@ -173,38 +165,16 @@ def meshca_tls(workdir: Path, issuer: DevTokenIssuer) -> Iterator[Server]:
     """
     data_dir = workdir / "meshca-data"
     port = free_port()
-    command, cwd = _meshca_argv()
-    argv = [
-        *command,
-        "serve",
-        "--listen",
-        f"{LOCALHOST}:{port}",
-        "--data-dir",
-        str(data_dir),
-        "--trust-domain",
-        TRUST_DOMAIN,
-        "--k8s-mode",
-        "jwks",
-        "--k8s-issuer",
-        issuer.issuer,
-        "--k8s-jwks-file",
-        str(issuer.jwks_path),
-        "--k8s-audience",
-        AUDIENCE,
-        "--server-name",
-        SERVER_NAME,
-        "--workers",
-        str(WORKERS),
-        "--log-level",
-        "warning",
-    ]
+    argv, cwd = serve_argv(
+        f"{LOCALHOST}:{port}", data_dir, issuer, ["--server-name", SERVER_NAME]
+    )
     # Flags only: a MESHCA_* variable in the caller's environment must not change the setup.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
     with managed_group(argv, workdir / "meshca.log", env=env, cwd=cwd) as proc:
         alive = lambda: proc.poll() is None  # noqa: E731
         deadline = time.monotonic() + START_TIMEOUT
         _wait(lambda: _listeners(port) >= WORKERS, alive, deadline, "both workers listening")
-        roots = _trust_bundle(command, cwd, env, data_dir, alive, deadline)
+        roots = trust_bundle(data_dir, env, alive, deadline - time.monotonic())
         bundle_path = workdir / "bundle.pem"
         bundle_path.write_bytes(roots)
         target = f"{LOCALHOST}:{port}"
@@ -249,28 +219,6 @@ def _backlogs(port: int) -> tuple[int, ...]:
         ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=False
     ).stdout
     return tuple(int(line.split()[2]) for line in out.splitlines() if line.strip())
-
-
-def _trust_bundle(
-    command: list[str],
-    cwd: Path | None,
-    env: Mapping[str, str],
-    data_dir: Path,
-    alive: Callable[[], bool],
-    deadline: float,
-) -> bytes:
-    """``meshca ca bundle --data-dir``: the roots a proxy trusts, PEM."""
-    argv = [*command, "ca", "bundle", "--data-dir", str(data_dir)]
-    found: list[bytes] = []
-
-    def ready() -> bool:
-        out = subprocess.run(argv, capture_output=True, env=dict(env), cwd=cwd, check=False)
-        if out.returncode == 0 and b"BEGIN CERTIFICATE" in out.stdout:
-            found.append(out.stdout)
-        return bool(found)
-
-    _wait(ready, alive, deadline, "trust bundle")
-    return found[0]
 
 
 def _serving(target: str, roots: bytes) -> bool:

@@ -520,7 +520,7 @@ async def start_worker(
     )
     audit_port = None
     if settings.audit_listen and tls is not None:
-        roots_pem = "".join(bundle.current().roots_pem()).encode()
+        roots_pem = "".join(bundle.current().roots_pems).encode()
         audit_port = add_audit_port(server, settings.audit_listen, tls, roots_pem)
     await server.start()
     if authz is not None:

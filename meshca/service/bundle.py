@@ -28,8 +28,6 @@ class BundleSnapshot:
         # Encoded once per version: a change is sent to every watcher at once.
         return tuple(c.public_bytes(Encoding.PEM).decode() for c in self.roots)
 
-    def roots_pem(self) -> list[str]:
-        return list(self.roots_pems)
 
 
 class TrustBundleService:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -83,6 +84,33 @@ class RunningServer:
             grpc.ssl_channel_credentials(self.roots_pem),
             options=[("grpc.ssl_target_name_override", "localhost")],
         )
+
+
+def serve_command(data_dir: Path, jwks_path: Path, *, workers: int, extra: list[str]) -> list[str]:
+    """``meshca serve`` on a free 127.0.0.1 port, jwks mode against ``jwks_path``."""
+    return [
+        sys.executable,
+        "-m",
+        "meshca",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--k8s-mode",
+        "jwks",
+        "--k8s-issuer",
+        ISSUER,
+        "--k8s-audience",
+        AUDIENCE,
+        "--k8s-jwks-file",
+        str(jwks_path),
+        "--workers",
+        str(workers),
+        *extra,
+    ]
 
 
 def server_settings(data_dir: Path, jwks_path: Path, **overrides: Any) -> Settings:

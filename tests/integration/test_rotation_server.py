@@ -272,44 +272,28 @@ def test_every_worker_process_follows_a_rotation(tmp_path: Path) -> None:
     import os
     import signal
     import subprocess
-    import sys
     import time
 
     from meshca.adapters.grpc.client import channel_to
-    from tests.integration.server_harness import AUDIENCE, ISSUER
+    from tests.integration.server_harness import serve_command
 
     _minter, jwks = TokenMinter.create(tmp_path)
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meshca",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--k8s-mode",
-            "jwks",
-            "--k8s-issuer",
-            ISSUER,
-            "--k8s-audience",
-            AUDIENCE,
-            "--k8s-jwks-file",
-            str(jwks),
-            "--workers",
-            "2",
-            "--journal-poll",
-            "0.1s",
-            "--max-svid-ttl",
-            "4s",
-            "--propagation-delay",
-            "2s",
-        ],
+        serve_command(
+            data_dir,
+            jwks,
+            workers=2,
+            extra=[
+                "--journal-poll",
+                "0.1s",
+                "--max-svid-ttl",
+                "4s",
+                "--propagation-delay",
+                "2s",
+            ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -50,7 +50,7 @@ from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from meshca.cli.ca_cmd import load_bundle
 from tests.core.builders import csr_pem
-from tests.integration.server_harness import AUDIENCE, ISSUER, TRUST_DOMAIN, TokenMinter
+from tests.integration.server_harness import TRUST_DOMAIN, TokenMinter, serve_command
 
 # One event loop for the module: grpc.aio delivers the last events of 10,000 cancelled
 # calls a little after the test that opened them ends, and they need a loop still open.
@@ -218,30 +218,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
     process = subprocess.Popen(
-        [
-            *MESHCA,
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--trust-domain",
-            TRUST_DOMAIN,
-            "--k8s-mode",
-            "jwks",
-            "--k8s-issuer",
-            ISSUER,
-            "--k8s-audience",
-            AUDIENCE,
-            "--k8s-jwks-file",
-            str(jwks),
-            "--workers",
-            "1",
-            "--journal-poll",
-            "0.1s",
-            "--audit-token-file",
-            str(token_file),
-        ],
+        serve_command(
+            data_dir,
+            jwks,
+            workers=1,
+            extra=["--journal-poll", "0.1s", "--audit-token-file", str(token_file)],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

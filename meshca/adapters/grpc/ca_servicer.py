@@ -28,7 +28,7 @@ def _ttl(seconds: int) -> timedelta | None:
     return timedelta(seconds=min(seconds, 3_153_600_000)) if seconds > 0 else None
 
 
-def _bundle_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
+def _to_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
     return ca_pb2.TrustBundle(
         trust_domain=snapshot.trust_domain.name,
         roots=snapshot.roots_pems,
@@ -45,7 +45,7 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
     def _bundle_message(self, snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
         """The message of ``snapshot``, built once for all the watchers it goes to."""
         if self._message is None or self._message[0] is not snapshot:
-            self._message = (snapshot, _bundle_message(snapshot))
+            self._message = (snapshot, _to_message(snapshot))
         return self._message[1]
 
     async def Sign(self, request: ca_pb2.SignRequest, context: Context) -> ca_pb2.SignResponse:

@@ -91,10 +91,6 @@ class BatchCommitter:
                 self._connection.close()
             self._connection = None
 
-    @property
-    def what(self) -> str:
-        return self._what
-
     def commit(self, rows: builtins.list[Any]) -> builtins.list[str | None]:
         """For each row, None once it is committed or why it was not."""
         try:
@@ -124,27 +120,24 @@ class BatchCommitter:
     def _insert(self, rows: builtins.list[Any]) -> None:
         # One transaction per batch: the commit (and its fsync) is what is shared.
         with self._gate:
-            kept = self._connection is not None
-            try:
-                self._transaction(rows)
-            except Exception as error:
-                if not _is_outage(error):
-                    raise
-                self.close()
-                if not kept:
-                    raise
-                self._transaction(rows)  # the kept connection had died: once more, anew
+            # A kept connection may have died with its server: then once more, anew.
+            attempts = 2 if self._connection is not None else 1
+            for attempt in range(attempts):
+                try:
+                    self._transaction(rows)
+                    return
+                except Exception as error:
+                    if not _is_outage(error):
+                        raise
+                    self.close()
+                    if attempt == attempts - 1:
+                        raise
 
     def _transaction(self, rows: builtins.list[Any]) -> None:
         if self._connection is None:
             self._connection = self._engine.connect()
-        try:
-            with self._connection.begin():
-                self._write(self._connection, rows)
-        except Exception as error:
-            if _is_outage(error):
-                self.close()
-            raise
+        with self._connection.begin():
+            self._write(self._connection, rows)
 
     def _failed(self, count: int, error: Exception) -> str:
         summary = error_summary(error, secret=self._engine.url.password)

@@ -366,9 +366,9 @@ class SqlTransparencyLog:
             return self._leaf_hashes(connection, lo, hi)
         base = level - level % STRIDE
         if base == 0:
-            return _fold(self._leaf_hashes(connection, lo << level, hi << level), level)
+            return fold_levels(self._leaf_hashes(connection, lo << level, hi << level), level)
         if base < level:
-            return _fold(
+            return fold_levels(
                 self._hashes_at(connection, base, lo << (level - base), hi << (level - base)),
                 level - base,
             )
@@ -382,7 +382,7 @@ class SqlTransparencyLog:
         missing = [i for i in range(lo, hi) if i not in stored]
         if missing:
             first, last = missing[0], missing[-1] + 1
-            computed = _fold(
+            computed = fold_levels(
                 self._hashes_at(connection, level - STRIDE, first << STRIDE, last << STRIDE),
                 STRIDE,
             )
@@ -418,11 +418,6 @@ def _insert_nodes_sql(connection: Connection) -> str:
         f"INSERT INTO {LogNodeRow.__tablename__} (level, idx, hash) "  # noqa: S608
         f"VALUES ({marker}, {marker}, {marker}) ON CONFLICT DO NOTHING"
     )
-
-
-def _fold(hashes: Sequence[bytes], levels: int) -> builtins.list[bytes]:
-    """Each run of ``2**levels`` subtree hashes, hashed up to one node."""
-    return fold_levels(hashes, levels)
 
 
 class _Reading:
