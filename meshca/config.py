@@ -109,6 +109,8 @@ class Settings:
     audit_listen: str | None = None
     tree_head_interval: timedelta = timedelta(seconds=60)
     audit_retention: timedelta | None = None
+    key_encryption_key_file: Path | None = None
+    health_listen: str | None = None
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -142,6 +144,8 @@ class Settings:
                 raise ConfigError(f"auditor: {exc}") from None
         if self.audit_listen is not None and ":" not in self.audit_listen:
             raise ConfigError("audit-listen must be HOST:PORT")
+        if self.health_listen is not None and ":" not in self.health_listen:
+            raise ConfigError("health-listen must be HOST:PORT")
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
 

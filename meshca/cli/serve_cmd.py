@@ -64,6 +64,10 @@ HELP = {
     "audit_listen": "HOST:PORT where auditors connect with a client SVID (mTLS required)",
     "tree_head_interval": "how often the log's tree head is signed when it grew (default 60s)",
     "audit_retention": "prune issuance records older than this (default: keep forever)",
+    "key_encryption_key_file": "file with a base64 32-byte key that seals the CA and log keys "
+    "in the database, so replicas on several hosts share them (the same Secret on every one)",
+    "health_listen": "HOST:PORT serving only gRPC health, in plaintext, for Kubernetes probes "
+    "(service '' is liveness, 'meshca.ready' readiness)",
 }
 
 
