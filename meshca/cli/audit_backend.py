@@ -23,11 +23,12 @@ from meshca.adapters.grpc.audit_convert import (
     inclusion_from_proto,
 )
 from meshca.adapters.keys.log_key import load_log_key, log_key_path
+from meshca.adapters.keys.sealed import LOG_KEY_REF, SealedKeys
 from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.engine import make_engine, sqlite_url_for
 from meshca.adapters.storage.transparency import SqlTransparencyLog
 from meshca.core.audit import AuditPage, AuditQuery, LogEntry
-from meshca.core.errors import InvalidRequest
+from meshca.core.errors import BackendUnavailable, InvalidRequest
 from meshca.core.log import ConsistencyProof, InclusionProof, SignedTreeHead
 from meshca.core.log_audit import LogVerifier, VerificationReport
 
@@ -62,6 +63,12 @@ class LocalBackend:
         if data_dir is not None and log_key_path(data_dir).exists():
             key = load_log_key(data_dir)
         self._key = key
+        # Replicas on several hosts share a log key sealed in the database; its public
+        # half is readable without the key-encryption key.
+        try:
+            self._sealed_public = SealedKeys(self._engine, None).public_key_der(LOG_KEY_REF)
+        except BackendUnavailable:
+            self._sealed_public = None  # a schema from before sealed keys
         self._reader = SqlAuditReader(self._engine)
         self._log = SqlTransparencyLog(self._engine, key)
 
@@ -91,6 +98,10 @@ class LocalBackend:
         return self._log.consistency_proof(old_size, new_size)
 
     def public_key(self) -> ec.EllipticCurvePublicKey | None:
+        if self._sealed_public is not None:
+            public = serialization.load_der_public_key(self._sealed_public)
+            assert isinstance(public, ec.EllipticCurvePublicKey)
+            return public
         return None if self._key is None else self._key.public_key()
 
     def verify_all(

@@ -52,6 +52,13 @@ class FileKeyManager:
         path = self._path(key_ref)
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except FileNotFoundError:
+            raise BackendUnavailable(
+                f"CA key {key_ref} is not in {self.ca_dir}: the journal in the database names "
+                "a key another host made (or this data directory was emptied). Replicas on "
+                "several hosts keep their keys sealed in the database: give each the same "
+                "--key-encryption-key-file (or use --vault-transit); see docs/operations.md"
+            ) from None
         except OSError as error:
             raise BackendUnavailable(f"cannot read CA key {key_ref}: {error.strerror}") from error
         assert isinstance(key, SignerKey)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
@@ -35,6 +36,7 @@ __all__ = [
     "IssuanceRecordRow",
     "LogNodeRow",
     "LogStateRow",
+    "SealedKeyRow",
     "TreeHeadRow",
     "UtcDateTime",
     "create_schema",
@@ -196,7 +198,36 @@ class AuthorityJournalRow(Base):
     retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
-    __table_args__ = (Index("ix_authority_journal_state", "state"),)
+    __table_args__ = (
+        Index("ix_authority_journal_state", "state"),
+        # Fencing below the locks: two leaders (a lock lost with its connection) can
+        # never both prepare a root; the second insert fails and its step is retried.
+        Index(
+            "ux_authority_journal_one_prepared_root",
+            "kind",
+            unique=True,
+            sqlite_where=text("kind = 'root' AND state = 'prepared'"),
+            postgresql_where=text("kind = 'root' AND state = 'prepared'"),
+        ),
+    )
+
+
+class SealedKeyRow(Base):
+    """A private key sealed (AES-256-GCM) under the key-encryption key every replica has.
+
+    The database alone never reveals a key; ``kek_id`` names the key-encryption key so a
+    replica given another one says so instead of failing to decrypt. The public key is
+    kept in clear for readers without the key-encryption key (``meshca audit verify``).
+    """
+
+    __tablename__ = "sealed_key"
+
+    ref: Mapped[str] = mapped_column(String(), primary_key=True)
+    kek_id: Mapped[str] = mapped_column(String())
+    nonce: Mapped[bytes] = mapped_column(LargeBinary())
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary())
+    public_key_der: Mapped[bytes] = mapped_column(LargeBinary())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class DecisionRecordRow(Base):

@@ -79,11 +79,11 @@ def test_an_older_revision_is_refused_with_the_upgrade_command(
 
     prepare_schema(engine, UPGRADE)
     # As if this meshca shipped a newer revision than the database has.
-    monkeypatch.setattr(migrate, "head_revision", lambda: "0002")
+    monkeypatch.setattr(migrate, "head_revision", lambda: "0099")
 
     with pytest.raises(SchemaUnknown) as caught:
         prepare_schema(engine, UPGRADE)
-    assert "at schema revision 0001, and this meshca needs 0002" in str(caught.value)
+    assert "at schema revision 0002, and this meshca needs 0099" in str(caught.value)
     assert UPGRADE in str(caught.value)
 
 
