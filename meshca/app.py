@@ -46,7 +46,8 @@ from meshca.adapters.k8s.key_source import JwksKeySource
 from meshca.adapters.k8s.token_review import TokenReviewAttestor
 from meshca.adapters.keys.file_store import FileCaStore, new_serial
 from meshca.adapters.keys.files import FileKeyManager, LeaderLock, ca_lock
-from meshca.adapters.keys.log_key import load_or_create_log_key
+from meshca.adapters.keys.log_key import load_or_create_log_key, load_or_create_shared_log_key
+from meshca.adapters.keys.sealed import KeyEncryptionKey, SealedKeyManager, SealedKeys
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
@@ -56,6 +57,7 @@ from meshca.adapters.storage.group_commit import BatchCommitter
 from meshca.adapters.storage.host_writer import HostRecordWriter, RecordWriterClient
 from meshca.adapters.storage.journal import SqlAuthorityJournal
 from meshca.adapters.storage.migrate import SchemaUnknown, prepare_schema
+from meshca.adapters.storage.pg_locks import PgLeaderLock, pg_step_lock
 from meshca.adapters.storage.record_rows import insert_records
 from meshca.adapters.storage.transparency import SqlTransparencyLog
 from meshca.adapters.vault.client import VaultAuth, VaultClient
@@ -66,6 +68,7 @@ from meshca.config import ConfigError, Settings
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority, trust_domain_ids
 from meshca.core.csr import CsrRequest
+from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager
 from meshca.core.spiffe import TrustDomain
@@ -103,8 +106,10 @@ def build_authorities(
     clock: Clock,
     checkpoint: Callable[[str], None] | None = None,
 ) -> AuthorityService:
-    """The CA's authorities: the journal in the database; keys in ``<data-dir>/ca`` or
-    Vault's Transit engine; roots self-made or from Vault's PKI engine."""
+    """The CA's authorities: the journal in the database; keys in Vault's Transit engine,
+    sealed in the database, or in ``<data-dir>/ca``; roots self-made or from Vault's PKI
+    engine. Steps are serialised by a PostgreSQL advisory lock when the journal is there
+    (replicas on several hosts), else by a lock file in the data directory."""
     ca_dir = settings.data_dir / "ca"
     trust_domain = TrustDomain.parse(settings.trust_domain)
     vault = build_vault_client(settings)
@@ -114,8 +119,15 @@ def build_authorities(
             keys = TransitKeyManager(
                 vault, settings.vault_transit_mount, prefix=f"meshca-{trust_domain.name}"
             )
+        case _ if settings.key_encryption_key_file is not None:
+            keys = SealedKeyManager(sealed_keys(settings, engine), FileKeyManager(ca_dir))
         case _:
             keys = FileKeyManager(ca_dir)
+    lock: Callable[[], contextlib.AbstractContextManager[object]]
+    if _on_postgres(engine):
+        lock = functools.partial(pg_step_lock, engine)
+    else:
+        lock = functools.partial(ca_lock, ca_dir)
     upstream = None
     if settings.vault_upstream and vault is not None:
         upstream = VaultUpstream(vault, settings.vault_pki_mount, trust_domain)
@@ -126,10 +138,42 @@ def build_authorities(
         policy=settings.rotation_policy(),
         trust_domain=trust_domain,
         new_serial=new_serial,
-        lock=lambda: ca_lock(ca_dir),
+        lock=lock,
         checkpoint=checkpoint or (lambda _name: None),
         upstream=upstream,
     )
+
+
+def _on_postgres(engine: Engine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+def sealed_keys(settings: Settings, engine: Engine) -> SealedKeys:
+    """The database's sealed keys, opened with ``--key-encryption-key-file`` if given."""
+    kek = None
+    if settings.key_encryption_key_file is not None:
+        try:
+            kek = KeyEncryptionKey.from_file(settings.key_encryption_key_file)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    return SealedKeys(engine, kek)
+
+
+def leader_lock(settings: Settings, engine: Engine) -> LeaderLock | PgLeaderLock:
+    """Who runs the rotator and signs tree heads: one process per database."""
+    if _on_postgres(engine):
+        return PgLeaderLock(engine)
+    return LeaderLock(settings.data_dir / "ca")
+
+
+def log_key(settings: Settings, engine: Engine) -> ec.EllipticCurvePrivateKey:
+    """The issuance log's signing key: shared through the database when keys are sealed."""
+    if settings.key_encryption_key_file is None:
+        return load_or_create_log_key(settings.data_dir)
+    try:
+        return load_or_create_shared_log_key(sealed_keys(settings, engine), settings.data_dir)
+    except BackendUnavailable as error:
+        raise ConfigError(f"the issuance log's key: {error.message}") from None
 
 
 def build_vault_client(settings: Settings) -> VaultClient | None:
@@ -159,6 +203,8 @@ def bootstrap_authorities(authorities: AuthorityService, settings: Settings, clo
         authorities.bootstrap(adopt=lambda: legacy.adopt(trust_domain, clock.now()))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    except MeshcaError as error:
+        raise ConfigError(f"the CA cannot start: {error.message}") from None
     active = authorities.view.authorities.active_root
     if active is not None:
         _check_root_domain(active.certificate, trust_domain)
@@ -204,7 +250,7 @@ def build_audit(
             ) from None
         if not token:
             raise ConfigError(f"audit-token-file {settings.audit_token_file} is empty")
-    key = load_or_create_log_key(settings.data_dir)
+    key = log_key(settings, engine)
     issuance_log = SqlTransparencyLog(engine, key)
     service = AuditService(
         access=AuditAccess(auditors=frozenset(settings.auditor), token=token),
@@ -232,7 +278,7 @@ def prepare(settings: Settings) -> None:
     engine = make_engine(settings.effective_database_url)
     try:
         prepare_database(settings, engine)
-        load_or_create_log_key(settings.data_dir)
+        log_key(settings, engine)
         clock = SystemClock()
         bootstrap_authorities(build_authorities(settings, engine, clock), settings, clock)
     finally:
@@ -291,7 +337,7 @@ class Worker:
     authorities: AuthorityService
     bundle: TrustBundleService
     rotator: Rotator
-    leader: LeaderLock
+    leader: LeaderLock | PgLeaderLock
     stopping: asyncio.Event
     tasks: list[asyncio.Task[None]]
     serving: ServingCertificate | None = None
@@ -479,7 +525,8 @@ async def start_worker(
     def offload(fn: Callable[[], Any]) -> Any:
         return loop.run_in_executor(executor, fn)
 
-    bundle = TrustBundleService(trust_domain, authorities.view.bundle)
+    view = authorities.view
+    bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
     ca = CertificateService(
         trust_domain=trust_domain,
         attestor=build_attestor(settings, clock),
@@ -506,7 +553,7 @@ async def start_worker(
         counters = decisions.counters if decisions is not None else None
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
-    leader = LeaderLock(settings.data_dir / "ca")
+    leader = leader_lock(settings, engine)
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
     server, port, health = build_server(
         ca=ca,

@@ -197,9 +197,9 @@ class AuditService:
 class LogMaintenance:
     """Signs a tree head whenever the log grew, every ``interval``; prunes by ``retention``.
 
-    Runs only while ``is_leader()`` (``meshca serve``: the process that holds the data
-    directory's leader lock); several leaders, as replicas on one PostgreSQL would be,
-    are harmless: a few more heads.
+    Runs only while ``is_leader()`` (``meshca serve``: the process that holds the leader
+    lock, one per database); were there ever two leaders, that would be harmless: a few
+    more heads, signed with the same shared key.
     """
 
     def __init__(
@@ -235,7 +235,7 @@ class LogMaintenance:
     async def run(self, stopping: asyncio.Event) -> None:
         """``tick`` every interval until ``stopping`` is set; failures are logged."""
         while not stopping.is_set():
-            if self._is_leader():
+            if await self._offload(self._is_leader):
                 try:
                     signed = await self.tick()
                     if signed is not None:

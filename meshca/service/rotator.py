@@ -46,10 +46,11 @@ class Rotator:
     async def run_once(self) -> list[StepReport]:
         """One round: steps if leading, then follow the journal and publish the bundle."""
         reports: list[StepReport] = []
-        if self._is_leader():
+        # The leader check may be a database round trip: never on the event loop.
+        if await asyncio.to_thread(self._is_leader):
             reports = await asyncio.to_thread(self._authorities.tick)
         view = await asyncio.to_thread(self._authorities.refresh)
-        self._bundle.publish(view.bundle)
+        self._bundle.publish(view.bundle, view.bundle_sequence)
         return reports
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -114,11 +115,16 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _postgres_engine(url: URL, connect_timeout: float) -> Engine:
+    # libpq takes whole seconds; below 2 it silently uses 2.
+    connect_args: dict[str, object] = {"connect_timeout": max(2, round(connect_timeout))}
+    if "application_name" not in url.query:
+        # pg_stat_activity (and so pg_locks) then says which host and process holds
+        # the leader lock or a step lock.
+        connect_args["application_name"] = f"meshca {socket.gethostname()}:{os.getpid()}"[:63]
     try:
         return create_engine(
             url,
-            # libpq takes whole seconds; below 2 it silently uses 2.
-            connect_args={"connect_timeout": max(2, round(connect_timeout))},
+            connect_args=connect_args,
             # After a server restart the pooled connections are dead; test each one on
             # checkout so the first batch after recovery does not fail needlessly.
             pool_pre_ping=True,
