@@ -70,6 +70,12 @@ class AuthoritySource(StrEnum):
     UPSTREAM = "upstream"  # an upstream CA (Vault's PKI) signed it, or is it
 
 
+_LIFECYCLE = (
+    AuthorityState.PREPARED,
+    AuthorityState.ACTIVE,
+    AuthorityState.RETIRED,
+    AuthorityState.REMOVED,
+)
 _ORDER = {
     AuthorityState.ACTIVE: 0,
     AuthorityState.PREPARED: 1,
@@ -212,6 +218,41 @@ class AuthoritySet:
         roots = [e for e in roots if e.state != AuthorityState.REMOVED]
         roots.sort(key=lambda e: (_ORDER[e.state], -e.prepared_at.timestamp(), e.id))
         return tuple(e.certificate for e in roots)
+
+    def bundle_sequence(self) -> int:
+        """How many versions ``bundle()`` has had: the same number on every replica.
+
+        Replays the roots' state changes in time order (the entries of one journal
+        transaction share their time) and counts each change of the bundle, so a bundle
+        fetched from any replica or worker carries the same sequence for the same roots.
+        """
+        roots = [e for e in self.entries if e.kind == AuthorityKind.ROOT]
+        changes: dict[datetime, list[tuple[str, AuthorityState]]] = {}
+        for entry in roots:
+            for at, state in (
+                (entry.prepared_at, AuthorityState.PREPARED),
+                (entry.activated_at, AuthorityState.ACTIVE),
+                (entry.retired_at, AuthorityState.RETIRED),
+                (entry.removed_at, AuthorityState.REMOVED),
+            ):
+                if at is not None:
+                    changes.setdefault(at, []).append((entry.id, state))
+        by_id = {e.id: e for e in roots}
+        states: dict[str, AuthorityState] = {}
+        sequence, previous = 0, None
+        for at in sorted(changes):
+            for entry_id_, state in changes[at]:
+                # One transaction may stamp an entry twice (prepared and activated).
+                if _LIFECYCLE.index(state) >= _LIFECYCLE.index(states.get(entry_id_, state)):
+                    states[entry_id_] = state
+            order = sorted(
+                (i for i, state in states.items() if state != AuthorityState.REMOVED),
+                key=lambda i: (_ORDER[states[i]], -by_id[i].prepared_at.timestamp(), i),
+            )
+            if order and order != previous:
+                sequence += 1
+            previous = order
+        return max(sequence, 1)
 
     def signature(self) -> tuple[tuple[str, str], ...]:
         """What identifies this snapshot's lifecycle: each entry's id and state."""

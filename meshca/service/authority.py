@@ -88,6 +88,7 @@ class AuthorityView:
     authority: Authority | None
     bundle: tuple[x509.Certificate, ...]
     problem: str | None = None
+    bundle_sequence: int = 1
 
 
 @dataclass
@@ -155,9 +156,12 @@ class AuthorityService:
 
     def _build_view(self, authorities: AuthoritySet) -> AuthorityView:
         bundle = authorities.bundle()
+        sequence = authorities.bundle_sequence()
         intermediate = authorities.active_intermediate
         if intermediate is None or intermediate.key_ref is None:
-            return AuthorityView(authorities, None, bundle, "no active intermediate CA")
+            return AuthorityView(
+                authorities, None, bundle, "no active intermediate CA", bundle_sequence=sequence
+            )
         signer = self._signers.get(intermediate.key_ref)
         if signer is None:
             signer = self._keys.load(intermediate.key_ref)
@@ -169,7 +173,7 @@ class AuthorityService:
             chain=intermediate.chain,
             roots=bundle,
         )
-        return AuthorityView(authorities, authority, bundle)
+        return AuthorityView(authorities, authority, bundle, bundle_sequence=sequence)
 
     # -- the rotator ---------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ __all__ = ["BundleSnapshot", "TrustBundleService"]
 
 @dataclass(frozen=True)
 class BundleSnapshot:
-    """One version of the bundle. ``sequence`` grows by one on every change."""
+    """One version of the bundle. ``sequence`` grows on every change; it comes from the
+    journal (``AuthoritySet.bundle_sequence``), so every replica gives the same number."""
 
     trust_domain: TrustDomain
     roots: tuple[x509.Certificate, ...]
@@ -33,20 +34,25 @@ class BundleSnapshot:
 class TrustBundleService:
     """Holds the current bundle and wakes every watcher when it changes."""
 
-    def __init__(self, trust_domain: TrustDomain, roots: tuple[x509.Certificate, ...]) -> None:
-        self._snapshot = BundleSnapshot(trust_domain, roots, 1)
+    def __init__(
+        self, trust_domain: TrustDomain, roots: tuple[x509.Certificate, ...], sequence: int = 1
+    ) -> None:
+        self._snapshot = BundleSnapshot(trust_domain, roots, sequence)
         self._changed = asyncio.Event()
 
     def current(self) -> BundleSnapshot:
         return self._snapshot
 
-    def publish(self, roots: tuple[x509.Certificate, ...]) -> BundleSnapshot:
-        """Replace the roots; a no-op when they are the same certificates in the same order."""
+    def publish(
+        self, roots: tuple[x509.Certificate, ...], sequence: int | None = None
+    ) -> BundleSnapshot:
+        """Replace the roots, as version ``sequence`` (default: the next one); a no-op when
+        they are the same certificates in the same order."""
         if roots == self._snapshot.roots:
             return self._snapshot
-        self._snapshot = BundleSnapshot(
-            self._snapshot.trust_domain, roots, self._snapshot.sequence + 1
-        )
+        if sequence is None or sequence <= self._snapshot.sequence:
+            sequence = self._snapshot.sequence + 1
+        self._snapshot = BundleSnapshot(self._snapshot.trust_domain, roots, sequence)
         # Wake current watchers, then arm a fresh event for the next change.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
