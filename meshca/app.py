@@ -47,7 +47,12 @@ from meshca.adapters.k8s.token_review import TokenReviewAttestor
 from meshca.adapters.keys.file_store import FileCaStore, new_serial
 from meshca.adapters.keys.files import FileKeyManager, LeaderLock, ca_lock
 from meshca.adapters.keys.log_key import load_or_create_log_key, load_or_create_shared_log_key
-from meshca.adapters.keys.sealed import KeyEncryptionKey, SealedKeyManager, SealedKeys
+from meshca.adapters.keys.sealed import (
+    LOG_KEY_REF,
+    KeyEncryptionKey,
+    SealedKeyManager,
+    SealedKeys,
+)
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
@@ -169,6 +174,12 @@ def leader_lock(settings: Settings, engine: Engine) -> LeaderLock | PgLeaderLock
 def log_key(settings: Settings, engine: Engine) -> ec.EllipticCurvePrivateKey:
     """The issuance log's signing key: shared through the database when keys are sealed."""
     if settings.key_encryption_key_file is None:
+        if sealed_keys(settings, engine).public_key_der(LOG_KEY_REF) is not None:
+            # Signing with a key of our own would fork the log's heads.
+            raise ConfigError(
+                "the issuance log's key is sealed in the database: this replica needs the "
+                "--key-encryption-key-file the other replicas have"
+            )
         return load_or_create_log_key(settings.data_dir)
     try:
         return load_or_create_shared_log_key(sealed_keys(settings, engine), settings.data_dir)

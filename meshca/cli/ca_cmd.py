@@ -53,6 +53,7 @@ CA_SETTINGS = (
     "vault_role",
     "vault_jwt_file",
     "vault_ca_file",
+    "key_encryption_key_file",
 )
 
 
@@ -314,6 +315,7 @@ def _now() -> datetime:
 
 def _import(args: argparse.Namespace) -> int:
     from meshca.adapters.keys.files import FileKeyManager
+    from meshca.adapters.keys.sealed import SealedKeyManager
 
     settings = _settings(args)
     if settings.vault_transit:
@@ -335,9 +337,11 @@ def _import(args: argparse.Namespace) -> int:
     with _authorities(settings) as service:
         try:
             service.refresh()
-            entries = service.import_authority(
-                certificates, key, FileKeyManager(settings.data_dir / "ca")
-            )
+            # Sealed in the database when replicas share keys, else in the data dir.
+            importer = service.keys
+            if not isinstance(importer, SealedKeyManager):
+                importer = FileKeyManager(settings.data_dir / "ca")
+            entries = service.import_authority(certificates, key, importer)
             for entry in entries:
                 print(f"imported {entry.kind} {entry.id} ({entry.state})")
             plan = service.rotation().plan(_now())

@@ -31,7 +31,8 @@ __all__ = [
 
 #: notBefore is backdated this much so peers with slightly slow clocks accept the leaf.
 CLOCK_SKEW_BACKDATE = timedelta(seconds=60)
-#: An issuer with less life left than this is not used: the leaf would be useless.
+#: An issuer with less life left than this (or than the longest leaf, if shorter) is not
+#: used: the leaf would be useless.
 MIN_LEAF_LIFETIME = timedelta(seconds=60)
 
 
@@ -67,7 +68,8 @@ def leaf_lifetime(
         # [issuer.not_before, now + ttl] could even be empty.
         raise AuthorityNotReady("the issuing CA is not valid yet")
     # The minimum applies to the issuer's remaining life; a short requested TTL is honoured.
-    if issuer.not_after - now < MIN_LEAF_LIFETIME:
+    # Where every leaf is shorter than the minimum, one of the longest is usable.
+    if issuer.not_after - now < min(MIN_LEAF_LIFETIME, policy.max_ttl):
         raise AuthorityNotReady("the issuing CA expires too soon to sign a usable certificate")
     ttl = requested if requested is not None and requested > timedelta(0) else policy.default_ttl
     ttl = min(ttl, policy.max_ttl)

@@ -134,6 +134,11 @@ class AuthorityService:
     # -- following the journal -----------------------------------------------------------
 
     @property
+    def keys(self) -> KeyManager:
+        """Where this CA's private keys are kept."""
+        return self._keys
+
+    @property
     def view(self) -> AuthorityView:
         return self._view
 

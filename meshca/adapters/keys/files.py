@@ -74,6 +74,11 @@ class FileKeyManager:
         return sorted(f"{_PREFIX}keys/{p.name}" for p in self.keys_dir.glob("*.key"))
 
     def _path(self, key_ref: str) -> Path:
+        if key_ref.startswith("sealed:"):
+            raise BackendUnavailable(
+                f"CA key {key_ref} is sealed in the database: this replica needs the "
+                "--key-encryption-key-file the other replicas have"
+            )
         if not key_ref.startswith(_PREFIX):
             raise BackendUnavailable(f"key {key_ref!r} is not kept in files")
         relative = Path(key_ref[len(_PREFIX) :])
