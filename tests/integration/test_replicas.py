@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stderr, redirect_stdout
@@ -23,7 +26,6 @@ from meshca.adapters.storage.journal import SqlAuthorityJournal
 from meshca.cli import main as meshca_main
 from meshca.core.rotation import AuthorityKind, AuthoritySet, AuthorityState
 from tests.integration.replicas import (
-    AUDIT_TOKEN,
     Fleet,
     FleetReport,
     Replica,
@@ -219,32 +221,31 @@ async def test_killing_the_leader_mid_step_hands_the_step_to_another_replica(
     )
 
 
-def _rotate(data_dir: Path, url: str, kek: Path) -> tuple[int, str]:
-    out = io.StringIO()
-    with redirect_stdout(out), redirect_stderr(out):
-        code = meshca_main(
-            [
-                "ca",
-                "rotate",
-                "--root",
-                "--data-dir",
-                str(data_dir),
-                "--database-url",
-                url,
-                "--key-encryption-key-file",
-                str(kek),
-                "--trust-domain",
-                TRUST_DOMAIN,
-                "--max-svid-ttl",
-                "4s",
-                "--propagation-delay",
-                "3s",
-            ]
-        )
-    return code, out.getvalue()
+def _rotate_command(data_dir: Path, url: str, kek: Path) -> list[str]:
+    """``meshca ca rotate --root`` as an operator on that replica's host would run it."""
+    return [
+        sys.executable,
+        "-m",
+        "meshca",
+        "ca",
+        "rotate",
+        "--root",
+        "--data-dir",
+        str(data_dir),
+        "--database-url",
+        url,
+        "--key-encryption-key-file",
+        str(kek),
+        "--trust-domain",
+        TRUST_DOMAIN,
+        "--max-svid-ttl",
+        "4s",
+        "--propagation-delay",
+        "3s",
+    ]
 
 
-async def test_concurrent_manual_rotations_make_one(
+def test_concurrent_manual_rotations_make_one(
     tmp_path: Path, database: tuple[str, Engine], replicas: list[Replica]
 ) -> None:
     url, engine = database
@@ -256,9 +257,18 @@ async def test_concurrent_manual_rotations_make_one(
                 name, tmp_path, jwks, url, kek, extra=["--root-rotation", "1h", "--root-ttl", "4h"]
             )
         )
-    results = await asyncio.gather(
-        *(asyncio.to_thread(_rotate, r.data_dir, url, kek) for r in replicas)
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
+    rotations = [
+        subprocess.Popen(
+            _rotate_command(r.data_dir, url, kek),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for r in replicas
+    ]
+    results = [(p.wait(timeout=60), p.communicate()[0]) for p in rotations]
     codes = sorted(code for code, _ in results)
     assert codes[0] == 0 and codes[1] != 0, results
     refused = next(output for code, output in results if code != 0)
@@ -268,7 +278,7 @@ async def test_concurrent_manual_rotations_make_one(
     assert len(authorities.select(AuthorityKind.ROOT)) == 2
 
 
-async def test_a_replica_without_the_keys_refuses_and_names_the_step(
+def test_a_replica_without_the_keys_refuses_and_names_the_step(
     tmp_path: Path, database: tuple[str, Engine], replicas: list[Replica]
 ) -> None:
     url, _engine = database
@@ -280,12 +290,12 @@ async def test_a_replica_without_the_keys_refuses_and_names_the_step(
     lost = start_replica("b", tmp_path, jwks, url, None, wait=False)
     replicas.append(lost)
     assert lost.process.wait(timeout=60) == 2
-    time.sleep(0.2)
+    lost.kill()  # reaps it and reads its output to the end
     assert "--key-encryption-key-file" in lost.log(), lost.log()
 
     # Another key-encryption key: named as such, not a decryption failure.
     wrong = start_replica("c", tmp_path, jwks, url, write_kek(tmp_path / "other"), wait=False)
     replicas.append(wrong)
     assert wrong.process.wait(timeout=60) == 2
-    time.sleep(0.2)
+    wrong.kill()
     assert "give every replica the same --key-encryption-key-file" in wrong.log(), wrong.log()
