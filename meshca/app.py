@@ -577,9 +577,14 @@ async def start_worker(
         audit=audit_servicer,
     )
     audit_port = None
-    if settings.audit_listen and tls is not None:
-        roots_pem = "".join(bundle.current().roots_pems).encode()
-        audit_port = add_audit_port(server, settings.audit_listen, tls, roots_pem)
+    if settings.audit_listen and serving is not None and tls is not None:
+        # Read at each handshake: the certificate as renewed, the roots as rotated.
+        audit_port = add_audit_port(
+            server,
+            settings.audit_listen,
+            lambda: serving.tls or tls,
+            lambda: bundle.current().roots_pems,
+        )
     await server.start()
     if authz is not None:
         for name in POLICY_SERVICE_NAMES:

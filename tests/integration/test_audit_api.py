@@ -8,6 +8,7 @@ import json
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import redirect_stderr, redirect_stdout
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -25,7 +26,9 @@ from meshca.cli import main as meshca_main
 from meshca.core.audit import entry_leaf_data
 from meshca.core.log import verify_tree_head
 from meshca.core.merkle import leaf_hash, verify_inclusion
+from tests.core.builders import build_pki, custom_leaf, leaf_extensions, signer_key
 from tests.integration.server_harness import RunningServer, running_server
+from tests.integration.test_rotation_server import FAST, _ca
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +128,76 @@ async def test_only_auditors_may_read(server: RunningServer) -> None:
     async with bare:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await _list(bare, TOKEN)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.fixture
+async def rotating_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    async for running in running_server(
+        tmp_path, auditor=(AUDITOR,), audit_listen="127.0.0.1:0", **FAST
+    ):
+        yield running
+
+
+def _foreign_auditor() -> tuple[bytes, bytes]:
+    """The auditor's SPIFFE ID, signed by a CA meshca has never trusted: (key, chain) PEM."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    pki = build_pki(now=now - timedelta(minutes=1))
+    leaf = custom_leaf(
+        pki.authority,
+        extensions=leaf_extensions(AUDITOR),
+        not_before=now - timedelta(minutes=1),
+        not_after=now + timedelta(hours=1),
+    )
+    key_pem = signer_key("ec-p256", 0).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    chain = (leaf, pki.intermediate, pki.root)
+    return key_pem, b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+
+
+async def test_audit_port_follows_root_rotation_and_renewal(
+    rotating_server: RunningServer,
+) -> None:
+    server = rotating_server
+    serving = server.worker.serving
+    assert serving is not None
+    (first_root,) = x509.load_pem_x509_certificates(server.roots_pem)
+    before = await _issue(server, "audit", "auditor")
+    async with _audit_channel(server, client=before) as channel:
+        assert (await _list(channel)).entries
+
+    code, _out, err = await asyncio.to_thread(_ca, server, "rotate", "--root")
+    assert code == 0, err
+    # The new root signs once its propagation delay (2s) is over.
+    for _ in range(100):
+        auditor = await _issue(server, "audit", "auditor")
+        new_root = x509.load_pem_x509_certificates(auditor[1])[-1]
+        if new_root != first_root:
+            break
+        await asyncio.sleep(0.1)
+    assert new_root != first_root, "the new root never took over"
+    # meshca's serving certificate renews, now under the new root.
+    renewed = x509.load_pem_x509_certificates((await serving.issue()).chain_pem)
+    renewed[-1].verify_directly_issued_by(new_root)  # its intermediate
+
+    # No restart: the port's client roots followed the bundle to the new root...
+    async with _audit_channel(server, client=auditor) as channel:
+        listed = await _list(channel)
+    assert AUDITOR in {e.record.spiffe_id for e in listed.entries}
+    # ...and it serves the renewed certificate: an auditor trusting only the new root gets in.
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{server.worker.audit_port}",
+        grpc.ssl_channel_credentials(new_root.public_bytes(serialization.Encoding.PEM), *auditor),
+        options=[("grpc.ssl_target_name_override", "localhost")],
+    ) as channel:
+        assert (await _list(channel)).entries
+
+    # The auditor's own SPIFFE ID under an unrelated CA is refused at the handshake
+    # (UNAVAILABLE), before the audit API could judge the caller.
+    async with _audit_channel(server, client=_foreign_auditor()) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _list(channel)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
 

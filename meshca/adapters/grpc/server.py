@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +60,10 @@ class ServerTls:
     chain_pem: bytes
 
 
-def _certificate_configuration(tls: ServerTls) -> Any:
-    return grpc.ssl_server_certificate_configuration([(tls.private_key_pem, tls.chain_pem)])
+def _certificate_configuration(tls: ServerTls, client_roots_pem: bytes | None = None) -> Any:
+    return grpc.ssl_server_certificate_configuration(
+        [(tls.private_key_pem, tls.chain_pem)], root_certificates=client_roots_pem
+    )
 
 
 def _fetch(tls_updates: Callable[[], ServerTls | None]) -> Any:
@@ -139,20 +141,54 @@ def build_server(
     return server, port, health_servicer
 
 
+class _AuditCredentials:
+    """The audit port's certificate fetcher: the current serving TLS and client roots.
+
+    gRPC asks at every handshake, on its own threads: the two getters must only read a
+    cached value. A new configuration is built only when either one has changed.
+    """
+
+    def __init__(
+        self, tls: Callable[[], ServerTls], client_roots: Callable[[], Sequence[str]]
+    ) -> None:
+        self._tls = tls
+        self._client_roots = client_roots
+        self._served = (tls(), client_roots())
+
+    def initial(self) -> Any:
+        return _audit_configuration(*self._served)
+
+    def __call__(self) -> Any:
+        current = (self._tls(), self._client_roots())
+        # Tuples compare items by identity first: an unchanged pair costs no byte compare.
+        if current == self._served:
+            return None
+        self._served = current
+        return _audit_configuration(*current)
+
+
+def _audit_configuration(tls: ServerTls, client_roots: Sequence[str]) -> Any:
+    return _certificate_configuration(tls, "".join(client_roots).encode())
+
+
 def add_audit_port(
-    server: grpc.aio.Server, listen: str, tls: ServerTls, client_roots_pem: bytes
+    server: grpc.aio.Server,
+    listen: str,
+    tls: Callable[[], ServerTls],
+    client_roots: Callable[[], Sequence[str]],
 ) -> int:
-    """Listen on ``listen`` too, requiring a client certificate under ``client_roots_pem``.
+    """Listen on ``listen`` too, requiring a client certificate under ``client_roots()``.
 
     For auditors' SVIDs. gRPC Python can either not ask for a client certificate or
     require one (it cannot ask and accept none), so proxies keep the main port, where
     none is asked for, and auditors with an SVID use this one. Every service is served
-    on both; the audit API checks who is calling. Returns the bound port.
+    on both; the audit API checks who is calling. ``tls`` and ``client_roots`` (PEM
+    roots) are read at each new handshake, so a renewed certificate and a rotated trust
+    bundle apply without a restart. Returns the bound port.
     """
-    credentials = grpc.ssl_server_credentials(
-        [(tls.private_key_pem, tls.chain_pem)],
-        root_certificates=client_roots_pem,
-        require_client_auth=True,
+    fetcher = _AuditCredentials(tls, client_roots)
+    credentials = grpc.dynamic_ssl_server_credentials(
+        fetcher.initial(), fetcher, require_client_authentication=True
     )
     port = server.add_secure_port(listen, credentials)
     if port == 0:
