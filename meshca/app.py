@@ -49,7 +49,7 @@ from meshca.adapters.keys.files import FileKeyManager, LeaderLock, ca_lock
 from meshca.adapters.keys.log_key import load_or_create_log_key, load_or_create_shared_log_key
 from meshca.adapters.keys.sealed import (
     LOG_KEY_REF,
-    KeyEncryptionKey,
+    KeyRing,
     SealedKeyManager,
     SealedKeys,
 )
@@ -155,13 +155,13 @@ def _on_postgres(engine: Engine) -> bool:
 
 def sealed_keys(settings: Settings, engine: Engine) -> SealedKeys:
     """The database's sealed keys, opened with ``--key-encryption-key-file`` if given."""
-    kek = None
+    ring = None
     if settings.key_encryption_key_file is not None:
         try:
-            kek = KeyEncryptionKey.from_file(settings.key_encryption_key_file)
+            ring = KeyRing.from_file(settings.key_encryption_key_file)
         except ValueError as error:
             raise ConfigError(str(error)) from None
-    return SealedKeys(engine, kek)
+    return SealedKeys(engine, ring)
 
 
 def leader_lock(settings: Settings, engine: Engine) -> LeaderLock | PgLeaderLock:

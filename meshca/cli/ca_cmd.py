@@ -354,6 +354,26 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reseal(args: argparse.Namespace) -> int:
+    from meshca import app
+    from meshca.adapters.storage.engine import make_engine
+
+    settings = _settings(args)
+    if settings.key_encryption_key_file is None:
+        print("meshca: reseal-keys needs --key-encryption-key-file", file=sys.stderr)
+        return 2
+    engine = make_engine(settings.effective_database_url)
+    try:
+        keys = app.sealed_keys(settings, engine)
+        moved, kept = keys.reseal()
+    except MeshcaError as error:
+        return _failed(error)
+    finally:
+        engine.dispose()
+    print(f"re-sealed {moved} keys under key-encryption key {keys.sealing_id}; {kept} already were")
+    return 0
+
+
 def _ca_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file of settings (MESHCA_CONFIG)")
     kinds = {f.name: str(f.type) for f in fields(Settings)}
@@ -419,6 +439,16 @@ def register(commands: Any) -> None:
     importer.add_argument("--key", required=True, help="private key, PEM")
     _ca_flags(importer)
     importer.set_defaults(run=_import)
+
+    reseal = sub.add_parser(
+        "reseal-keys",
+        help="seal every key in the database under the first key-encryption key",
+        description="Replacing the key-encryption key: give every replica a file with the "
+        "new key on its first line and the old one on the next, run this once, then "
+        "remove the old line. Keys already sealed under the first key are left as they are.",
+    )
+    _ca_flags(reseal)
+    reseal.set_defaults(run=_reseal)
 
 
 def _duration(text: str) -> timedelta:

@@ -65,7 +65,8 @@ HELP = {
     "tree_head_interval": "how often the log's tree head is signed when it grew (default 60s)",
     "audit_retention": "prune issuance records older than this (default: keep forever)",
     "key_encryption_key_file": "file with a base64 32-byte key that seals the CA and log keys "
-    "in the database, so replicas on several hosts share them (the same Secret on every one)",
+    "in the database, so replicas on several hosts share them (the same Secret on every "
+    "one); while replacing it, one key per line, the new one first",
     "health_listen": "HOST:PORT serving only gRPC health, in plaintext, for Kubernetes probes "
     "(service '' is liveness, 'meshca.ready' readiness)",
 }

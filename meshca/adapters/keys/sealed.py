@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Engine, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from meshca.adapters.keys.files import FileKeyManager
@@ -36,7 +36,7 @@ from meshca.adapters.storage.tables import SealedKeyRow
 from meshca.core.authority import SignerKey
 from meshca.core.errors import BackendUnavailable
 
-__all__ = ["LOG_KEY_REF", "KeyEncryptionKey", "SealedKeyManager", "SealedKeys"]
+__all__ = ["LOG_KEY_REF", "KeyEncryptionKey", "KeyRing", "SealedKeyManager", "SealedKeys"]
 
 _PREFIX = "sealed:"
 LOG_KEY_REF = "log:signing"
@@ -51,29 +51,6 @@ class KeyEncryptionKey:
         self._aead = AESGCM(key)
         self.id = hashlib.sha256(b"meshca key-encryption key\0" + key).hexdigest()[:16]
 
-    @classmethod
-    def from_file(cls, path: Path) -> KeyEncryptionKey:
-        """Read base64 text (``head -c 32 /dev/urandom | base64``); ``ValueError`` if bad."""
-        try:
-            text = path.read_bytes().strip()
-        except OSError as error:
-            raise ValueError(
-                f"cannot read key-encryption-key-file {path}: {error.strerror}"
-            ) from None
-        try:
-            key = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(
-                f"key-encryption-key-file {path} is not base64 "
-                "(make one with: head -c 32 /dev/urandom | base64)"
-            ) from None
-        if len(key) != 32:
-            raise ValueError(
-                f"key-encryption-key-file {path} holds {len(key)} bytes, not 32 "
-                "(make one with: head -c 32 /dev/urandom | base64)"
-            )
-        return cls(key)
-
     def seal(self, ref: str, plaintext: bytes) -> tuple[bytes, bytes]:
         nonce = secrets.token_bytes(12)
         return nonce, self._aead.encrypt(nonce, plaintext, ref.encode())
@@ -82,16 +59,69 @@ class KeyEncryptionKey:
         return self._aead.decrypt(nonce, ciphertext, ref.encode())
 
 
+class KeyRing:
+    """The key-encryption keys a replica has: the first seals, any of them opens.
+
+    A key-encryption-key file holds one base64 key per line. To replace the key, put the
+    new one first and the old one after it on every replica, run ``meshca ca reseal-keys``,
+    then drop the old line.
+    """
+
+    def __init__(self, keys: Sequence[KeyEncryptionKey]) -> None:
+        if not keys:
+            raise ValueError("a key ring needs at least one key-encryption key")
+        self.sealing = keys[0]
+        self._by_id = {k.id: k for k in keys}
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._by_id)
+
+    def get(self, kek_id: str) -> KeyEncryptionKey | None:
+        return self._by_id.get(kek_id)
+
+    @classmethod
+    def from_file(cls, path: Path) -> KeyRing:
+        """Read base64 lines (``head -c 32 /dev/urandom | base64``); ``ValueError`` if bad."""
+        hint = "(make one with: head -c 32 /dev/urandom | base64)"
+        try:
+            lines = path.read_bytes().splitlines()
+        except OSError as error:
+            raise ValueError(
+                f"cannot read key-encryption-key-file {path}: {error.strerror}"
+            ) from None
+        keys = []
+        for number, line in enumerate(lines, 1):
+            text = line.strip()
+            if not text or text.startswith(b"#"):
+                continue
+            try:
+                key = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ValueError(
+                    f"key-encryption-key-file {path} line {number} is not base64 {hint}"
+                ) from None
+            if len(key) != 32:
+                raise ValueError(
+                    f"key-encryption-key-file {path} line {number} holds {len(key)} bytes, "
+                    f"not 32 {hint}"
+                )
+            keys.append(KeyEncryptionKey(key))
+        if not keys:
+            raise ValueError(f"key-encryption-key-file {path} holds no key {hint}")
+        return cls(keys)
+
+
 class SealedKeys:
     """Sealed private keys by reference, in the ``sealed_key`` table. Blocking."""
 
-    def __init__(self, engine: Engine, kek: KeyEncryptionKey | None) -> None:
+    def __init__(self, engine: Engine, ring: KeyRing | None) -> None:
         self._engine = engine
-        self._kek = kek
+        self._ring = ring
 
     def put(self, ref: str, key: SignerKey) -> bool:
         """Store ``key`` as ``ref``; False (and nothing written) if ``ref`` is taken."""
-        kek = self._need_kek(ref)
+        kek = self._need_ring(ref).sealing
         nonce, ciphertext = kek.seal(ref, _pkcs8(key))
         row = {
             "ref": ref,
@@ -113,23 +143,71 @@ class SealedKeys:
     def get(self, ref: str) -> SignerKey | None:
         """The key stored as ``ref``, or None when there is none."""
         row = self._row(ref)
-        if row is None:
-            return None
-        kek = self._need_kek(ref)
-        if row.kek_id != kek.id:
+        return None if row is None else self._open(ref, row.kek_id, row.nonce, row.ciphertext)
+
+    @property
+    def sealing_id(self) -> str:
+        """The id of the key-encryption key new keys are sealed with."""
+        return self._need_ring("new keys").sealing.id
+
+    def reseal(self) -> tuple[int, int]:
+        """Seal every key under the ring's first key: ``(re-sealed, already so)``.
+
+        Each row is replaced only if it is still as read (compare-and-set on its nonce),
+        so replicas storing keys meanwhile lose nothing; a rerun finishes what is left.
+        """
+        ring = self._need_ring("every key")
+        moved = kept = 0
+        try:
+            with self._engine.connect() as connection:
+                rows = connection.execute(
+                    select(
+                        SealedKeyRow.ref,
+                        SealedKeyRow.kek_id,
+                        SealedKeyRow.nonce,
+                        SealedKeyRow.ciphertext,
+                    )
+                ).all()
+            for ref, kek_id, nonce, ciphertext in rows:
+                if kek_id == ring.sealing.id:
+                    kept += 1
+                    continue
+                new_nonce, new_ciphertext = ring.sealing.seal(
+                    ref, self._open_der(ref, kek_id, nonce, ciphertext)
+                )
+                with self._engine.begin() as connection:
+                    connection.execute(
+                        update(SealedKeyRow)
+                        .where(SealedKeyRow.ref == ref, SealedKeyRow.nonce == nonce)
+                        .values(kek_id=ring.sealing.id, nonce=new_nonce, ciphertext=new_ciphertext)
+                    )
+                moved += 1
+        except SQLAlchemyError as error:
+            raise BackendUnavailable(f"cannot re-seal keys: {error_summary(error)}") from error
+        return moved, kept
+
+    def _open(self, ref: str, kek_id: str, nonce: bytes, ciphertext: bytes) -> SignerKey:
+        key = serialization.load_der_private_key(
+            self._open_der(ref, kek_id, nonce, ciphertext), password=None
+        )
+        assert isinstance(key, SignerKey)
+        return key
+
+    def _open_der(self, ref: str, kek_id: str, nonce: bytes, ciphertext: bytes) -> bytes:
+        ring = self._need_ring(ref)
+        kek = ring.get(kek_id)
+        if kek is None:
             raise BackendUnavailable(
-                f"key {ref} is sealed with key-encryption key {row.kek_id}, and this replica "
-                f"has {kek.id}: give every replica the same --key-encryption-key-file"
+                f"key {ref} is sealed with key-encryption key {kek_id}, and this replica "
+                f"has {', '.join(ring.ids)}: give every replica the same "
+                "--key-encryption-key-file"
             )
         try:
-            der = kek.open(ref, row.nonce, row.ciphertext)
+            return kek.open(ref, nonce, ciphertext)
         except InvalidTag:
             raise BackendUnavailable(
                 f"key {ref} does not decrypt: its row was altered or moved"
             ) from None
-        key = serialization.load_der_private_key(der, password=None)
-        assert isinstance(key, SignerKey)
-        return key
 
     def public_key_der(self, ref: str) -> bytes | None:
         """The public half of ``ref``, readable without the key-encryption key."""
@@ -167,13 +245,13 @@ class SealedKeys:
         except SQLAlchemyError as error:
             raise BackendUnavailable(f"cannot read key {ref}: {error_summary(error)}") from error
 
-    def _need_kek(self, ref: str) -> KeyEncryptionKey:
-        if self._kek is None:
+    def _need_ring(self, ref: str) -> KeyRing:
+        if self._ring is None:
             raise BackendUnavailable(
                 f"key {ref} is sealed in the database: this replica needs "
                 "--key-encryption-key-file to use it"
             )
-        return self._kek
+        return self._ring
 
 
 class SealedKeyManager:

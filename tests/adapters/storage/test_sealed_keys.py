@@ -20,6 +20,7 @@ from meshca.adapters.keys.log_key import (
 from meshca.adapters.keys.sealed import (
     LOG_KEY_REF,
     KeyEncryptionKey,
+    KeyRing,
     SealedKeyManager,
     SealedKeys,
 )
@@ -28,12 +29,12 @@ from meshca.core.errors import BackendUnavailable
 
 KEK = KeyEncryptionKey(bytes(range(32)))
 OTHER_KEK = KeyEncryptionKey(bytes(32))
+RING = KeyRing([KEK])
+OTHER_RING = KeyRing([OTHER_KEK])
 
 
-def _manager(
-    engine: Engine, tmp_path: Path, kek: KeyEncryptionKey | None = KEK
-) -> SealedKeyManager:
-    return SealedKeyManager(SealedKeys(engine, kek), FileKeyManager(tmp_path / "ca"))
+def _manager(engine: Engine, tmp_path: Path, ring: KeyRing | None = RING) -> SealedKeyManager:
+    return SealedKeyManager(SealedKeys(engine, ring), FileKeyManager(tmp_path / "ca"))
 
 
 def _same(a: ec.EllipticCurvePrivateKey, b: object) -> bool:
@@ -64,7 +65,7 @@ def test_the_database_never_holds_the_key_in_clear(engine: Engine, tmp_path: Pat
 def test_another_key_encryption_key_is_named_not_guessed(engine: Engine, tmp_path: Path) -> None:
     ref, _ = _manager(engine, tmp_path).create("root")
     with pytest.raises(BackendUnavailable, match=f"sealed with key-encryption key {KEK.id}"):
-        _manager(engine, tmp_path, OTHER_KEK).load(ref)
+        _manager(engine, tmp_path, OTHER_RING).load(ref)
     with pytest.raises(BackendUnavailable, match="needs --key-encryption-key-file"):
         _manager(engine, tmp_path, None).load(ref)
 
@@ -102,8 +103,8 @@ def test_a_file_key_on_another_host_says_what_to_do(tmp_path: Path) -> None:
 
 def test_replicas_share_one_log_key_and_keep_a_pinned_one(engine: Engine, tmp_path: Path) -> None:
     pinned = load_or_create_log_key(tmp_path / "first")  # a single host's existing key
-    first = load_or_create_shared_log_key(SealedKeys(engine, KEK), tmp_path / "first")
-    second = load_or_create_shared_log_key(SealedKeys(engine, KEK), tmp_path / "second")
+    first = load_or_create_shared_log_key(SealedKeys(engine, RING), tmp_path / "first")
+    second = load_or_create_shared_log_key(SealedKeys(engine, RING), tmp_path / "second")
     assert _same(pinned, first) and _same(pinned, second)
     assert not (tmp_path / "second" / "log").exists()
     # Its public half is readable without the key-encryption key (auditors' tools).
@@ -113,23 +114,49 @@ def test_replicas_share_one_log_key_and_keep_a_pinned_one(engine: Engine, tmp_pa
 
 
 def test_the_same_reference_is_never_overwritten(engine: Engine) -> None:
-    keys = SealedKeys(engine, KEK)
+    keys = SealedKeys(engine, RING)
     one, two = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     assert keys.put("sealed:x", one)
     assert not keys.put("sealed:x", two)
     assert _same(one, keys.get("sealed:x"))
 
 
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
 def test_key_encryption_key_files(tmp_path: Path) -> None:
     good = tmp_path / "kek"
-    good.write_text(base64.b64encode(bytes(range(32))).decode() + "\n")
-    assert KeyEncryptionKey.from_file(good).id == KEK.id
+    good.write_text(_b64(bytes(range(32))) + "\n")
+    assert KeyRing.from_file(good).sealing.id == KEK.id
+    two = tmp_path / "two"
+    two.write_text(f"# the new key first\n{_b64(bytes(32))}\n\n{_b64(bytes(range(32)))}\n")
+    ring = KeyRing.from_file(two)
+    assert ring.sealing.id == OTHER_KEK.id and ring.ids == [OTHER_KEK.id, KEK.id]
     short = tmp_path / "short"
-    short.write_text(base64.b64encode(bytes(16)).decode())
-    with pytest.raises(ValueError, match="16 bytes, not 32"):
-        KeyEncryptionKey.from_file(short)
+    short.write_text(f"{_b64(bytes(range(32)))}\n{_b64(bytes(16))}")
+    with pytest.raises(ValueError, match="line 2 holds 16 bytes, not 32"):
+        KeyRing.from_file(short)
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        KeyRing.from_file(empty)
     with pytest.raises(ValueError, match="cannot read"):
-        KeyEncryptionKey.from_file(tmp_path / "missing")
+        KeyRing.from_file(tmp_path / "missing")
+
+
+def test_replacing_the_key_encryption_key(engine: Engine, tmp_path: Path) -> None:
+    """New key first, old key second on every replica; reseal; drop the old key."""
+    ref, key = _manager(engine, tmp_path, RING).create("intermediate")
+    log_key = load_or_create_shared_log_key(SealedKeys(engine, RING), tmp_path)
+    both = KeyRing([OTHER_KEK, KEK])
+    assert _same(key, _manager(engine, tmp_path, both).load(ref))  # during the change
+    assert SealedKeys(engine, both).reseal() == (2, 0)
+    assert SealedKeys(engine, both).reseal() == (0, 2)  # a rerun has nothing left to do
+    assert _same(key, _manager(engine, tmp_path, OTHER_RING).load(ref))
+    assert _same(log_key, SealedKeys(engine, OTHER_RING).get(LOG_KEY_REF))
+    with pytest.raises(BackendUnavailable, match=f"sealed with key-encryption key {OTHER_KEK.id}"):
+        _manager(engine, tmp_path, RING).load(ref)
 
 
 @given(st.binary(max_size=80))
@@ -140,8 +167,35 @@ def test_any_file_content_is_a_key_or_a_clear_refusal(content: bytes) -> None:
         handle.write(content)
         handle.flush()
         try:
-            kek = KeyEncryptionKey.from_file(Path(handle.name))
+            ring = KeyRing.from_file(Path(handle.name))
         except ValueError as error:
             assert "key-encryption-key-file" in str(error)
         else:
-            assert len(kek.id) == 16
+            assert ring.ids and all(len(i) == 16 for i in ring.ids)
+
+
+def test_reseal_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from meshca import app
+    from meshca.cli import main as meshca_main
+    from meshca.config import Settings
+
+    old = tmp_path / "kek"
+    old.write_text(_b64(bytes(range(32))))
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        k8s_mode="jwks",
+        k8s_issuer="https://issuer.test",
+        key_encryption_key_file=old,
+    )
+    app.prepare(settings)  # a root, an intermediate and the log key, sealed under KEK
+    both = tmp_path / "both"
+    both.write_text(f"{_b64(bytes(32))}\n{_b64(bytes(range(32)))}\n")
+    flags = ["--data-dir", str(settings.data_dir), "--key-encryption-key-file"]
+
+    assert meshca_main(["ca", "reseal-keys", *flags, str(both)]) == 0
+    assert f"re-sealed 3 keys under key-encryption key {OTHER_KEK.id}; 0 already were" in (
+        capsys.readouterr().out
+    )
+    assert meshca_main(["ca", "status", *flags, str(old)]) != 0
+    assert "give every replica the same --key-encryption-key-file" in capsys.readouterr().err
+    assert meshca_main(["ca", "reseal-keys", "--data-dir", str(settings.data_dir)]) == 2
