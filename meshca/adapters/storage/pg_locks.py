@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 
 from sqlalchemy import Connection, Engine, text
@@ -68,8 +69,14 @@ class PgLeaderLock:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._connection: Connection | None = None
+        # The rotator and the log's maintenance ask from their own threads.
+        self._guard = threading.Lock()
 
     def held(self) -> bool:
+        with self._guard:
+            return self._held()
+
+    def _held(self) -> bool:
         try:
             if self._connection is not None:
                 self._connection.execute(text("SELECT 1"))
@@ -93,6 +100,10 @@ class PgLeaderLock:
         return True
 
     def release(self) -> None:
+        with self._guard:
+            self._release()
+
+    def _release(self) -> None:
         if self._connection is not None:
             with contextlib.suppress(SQLAlchemyError):
                 self._connection.execute(
