@@ -27,6 +27,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2
 from sqlalchemy import Engine, make_url
 
@@ -36,9 +37,11 @@ from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
     POLICY_SERVICE_NAMES,
+    READY_HEALTH,
     SERVICE_NAMES,
     ServerTls,
     add_audit_port,
+    build_health_server,
     build_server,
 )
 from meshca.adapters.k8s.jwks import JwksAttestor
@@ -57,7 +60,7 @@ from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.decision_log import SqlDecisionLog
-from meshca.adapters.storage.engine import make_engine, redacted_url
+from meshca.adapters.storage.engine import make_engine, ping, redacted_url
 from meshca.adapters.storage.group_commit import BatchCommitter
 from meshca.adapters.storage.host_writer import HostRecordWriter, RecordWriterClient
 from meshca.adapters.storage.journal import SqlAuthorityJournal
@@ -76,6 +79,7 @@ from meshca.core.csr import CsrRequest
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager
+from meshca.core.readiness import Readiness
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 from meshca.service.attestation_cache import CachingAttestor
@@ -84,6 +88,7 @@ from meshca.service.authority import AuthorityService
 from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService, serial_hex
+from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
 __all__ = ["prepare", "run_worker", "serve"]
@@ -94,6 +99,8 @@ SERVING_CERT_TTL = timedelta(days=7)
 API_SERVING_CERT = "meshca.serving-certificate"
 #: Health-checking service name that turns NOT_SERVING while the CA is degraded.
 AUTHORITY_HEALTH = "meshca.authority"
+#: The longest pause between readiness checks (shorter with a shorter --journal-poll).
+READINESS_INTERVAL = 5.0
 #: The SPIFFE ID meshca presents to its clients.
 SERVER_WORKLOAD = ("meshca", "meshca")
 
@@ -357,12 +364,16 @@ class Worker:
     authz: AuthorizationService | None = None
     decisions: SqlDecisionLog | None = None
     audit_port: int | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         self.stopping.set()
         if self.bundle_endpoint is not None:
             await self.bundle_endpoint.stop()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(grace)
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.leader.release()
         self.executor.shutdown(wait=True)
@@ -471,6 +482,19 @@ async def _serving_tls(
         ),
         chain_pem=b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain),
     )
+
+
+class _ReadyHealth:
+    """Reports each readiness change as the health of ``READY_HEALTH``."""
+
+    def __init__(self, servicer: grpc_health.aio.HealthServicer) -> None:
+        self._health = servicer
+
+    async def __call__(self, readiness: Readiness) -> None:
+        serving = health_pb2.HealthCheckResponse
+        await self._health.set(
+            READY_HEALTH, serving.SERVING if readiness.ready else serving.NOT_SERVING
+        )
 
 
 class _PolicyHealth:
@@ -593,6 +617,21 @@ async def start_worker(
         await policy_health(authz.status())
     for name in ("", *SERVICE_NAMES, AUTHORITY_HEALTH):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health.set(READY_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
+    readiness = ReadinessChecker(
+        authority=authorities.current,
+        ping_database=functools.partial(ping, engine),
+        writer=audit,
+        on_change=_ReadyHealth(health),
+        interval=min(settings.journal_poll.total_seconds(), READINESS_INTERVAL),
+        offload=offload if settings.vault_transit else None,
+    )
+    # Known before the probes' port opens.
+    await readiness.check()
+    health_server, health_port = None, None
+    if settings.health_listen is not None:
+        health_server, health_port = build_health_server(health, settings.health_listen)
+        await health_server.start()
 
     def report_health(problem: str | None) -> None:
         # Still SERVING overall: issuance goes on under the current intermediate.
@@ -632,6 +671,7 @@ async def start_worker(
     stopping = asyncio.Event()
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(rotator.run(stopping))]
     tasks.append(asyncio.create_task(maintenance.run(stopping)))
+    tasks.append(asyncio.create_task(readiness.run(stopping)))
     if authz is not None:
         interval = settings.policy_poll_interval.total_seconds()
         tasks.append(asyncio.create_task(authz.run(stopping, interval)))
@@ -657,6 +697,8 @@ async def start_worker(
         authz=authz,
         decisions=decisions,
         audit_port=audit_port,
+        health_server=health_server,
+        health_port=health_port,
     )
 
 
@@ -668,6 +710,9 @@ async def run_worker(
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
     log.info("serving on %s:%d (%s)", host, worker.port, mode)
+    if settings.health_listen is not None:
+        health_host = settings.health_listen.rpartition(":")[0]
+        log.info("health on %s:%d (plaintext, health only)", health_host, worker.health_port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -43,16 +43,28 @@ class FakeAttestor:
 
 @dataclass
 class MemoryAuditLog:
-    """Keeps records in a list. ``fail`` makes every append raise BackendUnavailable."""
+    """Keeps records in a list. ``fail`` makes every append raise BackendUnavailable;
+    ``problem`` is what it reports as its writer's state (``RecordWriterStatus``)."""
 
     records: list[AuditRecord] = field(default_factory=list)
     fail: bool = False
+    problem: str | None = None
+    failures: int = 0
 
     async def append(self, record: AuditRecord) -> None:
         await asyncio.sleep(0)
         if self.fail:
+            self.failures += 1
             raise BackendUnavailable("issuance record storage is down")
         self.records.append(record)
+
+    @property
+    def write_failures(self) -> int:
+        return self.failures
+
+    @property
+    def writer_problem(self) -> str | None:
+        return self.problem
 
     async def list(
         self, *, limit: int = 50, spiffe_id: str | None = None, serial: str | None = None

@@ -30,6 +30,7 @@ __all__ = [
     "KeyImporter",
     "KeyInventory",
     "KeyManager",
+    "RecordWriterStatus",
     "SignedIntermediate",
     "UpstreamAuthority",
     "UpstreamRoot",
@@ -63,6 +64,23 @@ class AuditLog(Protocol):
         Raises ``BackendUnavailable`` if it cannot be; the caller then must not release
         the certificate the record describes.
         """
+        ...
+
+
+class RecordWriterStatus(Protocol):
+    """What an ``AuditLog`` knows of its own writing, for the readiness probe.
+
+    Both are read-only and cheap, safe to read from the event loop.
+    """
+
+    @property
+    def write_failures(self) -> int:
+        """How many records were not committed (their appends raised) since it was made."""
+        ...
+
+    @property
+    def writer_problem(self) -> str | None:
+        """Why no record can be written at all now (writer gone or closed); else None."""
         ...
 
 

@@ -1,4 +1,8 @@
-"""The grpc.aio server: our services, Istio's CA contract, health and reflection on one port."""
+"""The grpc.aio server: our services, Istio's CA contract, health and reflection on one port.
+
+Optionally a second, plaintext server with nothing but health, for Kubernetes' gRPC
+probes, which cannot speak TLS.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ __all__ = [
     "MAX_METADATA_BYTES",
     "POLICY_HEALTH",
     "POLICY_SERVICE_NAMES",
+    "READY_HEALTH",
     "ServerTls",
     "add_audit_port",
+    "build_health_server",
     "build_server",
 ]
 
@@ -50,6 +56,13 @@ AUDIT_SERVICE_NAME = audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_
 #: Health-checking name that is NOT_SERVING while the newest policy files are invalid
 #: (the last good set keeps being served under the two names above).
 POLICY_HEALTH = "meshca.policy"
+#: Health-checking name that is SERVING only while this replica can sign and write its
+#: issuance record right now (readiness); the empty name stays liveness.
+READY_HEALTH = "meshca.ready"
+
+
+#: Several worker processes share one port; the kernel spreads connections.
+_SHARED_PORT = (("grpc.so_reuseport", 1),)
 
 
 @dataclass(frozen=True)
@@ -93,8 +106,7 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            # Several worker processes share one port; the kernel spreads connections.
-            ("grpc.so_reuseport", 1),
+            *_SHARED_PORT,
             # Calls not yet picked up by the event loop: past these (grpc's defaults are
             # 1,000 and 3,000) grpc answers CANCELLED, which a cold-start storm of proxies
             # or 10,000 watchers reconnecting at once would otherwise meet.
@@ -194,3 +206,21 @@ def add_audit_port(
     if port == 0:
         raise OSError(f"could not listen on {listen}")
     return port
+
+
+def build_health_server(
+    health_servicer: health.aio.HealthServicer, listen: str
+) -> tuple[grpc.aio.Server, int]:
+    """Build (not start) a plaintext server on ``listen`` with only ``health_servicer``.
+
+    Nothing else is registered, reflection included: this port has no TLS, so it must
+    answer nothing but health. Workers share it as they share the main port. Returns the
+    server and the bound port.
+    """
+    # A HealthCheckRequest holds a service name: anything larger is not a probe.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096), *_SHARED_PORT])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not listen on {listen}")
+    return server, port

@@ -11,6 +11,7 @@ while each caller still returns only after its own record is durable. The mechan
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 
 from sqlalchemy import Engine, Select, select
@@ -62,6 +63,18 @@ class SqlAuditLog:
             max_wait=max_wait,
             thread_name="meshca-audit-writer",
         )
+        self._failures = 0
+        self._failures_lock = threading.Lock()
+
+    @property
+    def write_failures(self) -> int:
+        """Appends that raised (their records not committed) since this store was made."""
+        return self._failures
+
+    @property
+    def writer_problem(self) -> str | None:
+        """Why nothing can be appended now (closed, writer thread gone); else None."""
+        return self._writer.problem
 
     def start(self) -> None:
         """Start the writer thread now rather than on the first ``append``.
@@ -77,7 +90,13 @@ class SqlAuditLog:
         ``InternalError`` for a naive datetime in ``record``. Cancelling the caller does
         not withdraw a record that is already queued.
         """
-        await self._writer.write(stored_record(record))
+        try:
+            await self._writer.write(stored_record(record))
+        except BackendUnavailable:
+            # Appends come from several threads and loops: += alone could lose a count.
+            with self._failures_lock:
+                self._failures += 1
+            raise
 
     async def list(
         self,

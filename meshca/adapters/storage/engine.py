@@ -12,12 +12,19 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL, Engine, create_engine, event, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy import URL, Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from meshca.core.errors import BackendUnavailable
 
-__all__ = ["error_summary", "make_engine", "redacted_url", "sqlite_url_for", "write_gate"]
+__all__ = [
+    "error_summary",
+    "make_engine",
+    "ping",
+    "redacted_url",
+    "sqlite_url_for",
+    "write_gate",
+]
 
 _PSYCOPG = "postgresql+psycopg"
 
@@ -61,6 +68,18 @@ def make_engine(url: str, *, busy_timeout: float = 5.0, connect_timeout: float =
             f"{error_summary(error, secret=engine.url.password)}"
         ) from error
     return engine
+
+
+def ping(engine: Engine) -> None:
+    """One round trip (``SELECT 1``) through ``engine``'s pool. Blocking.
+
+    Raises ``BackendUnavailable``, without the password, when the database does not answer.
+    """
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        raise BackendUnavailable(error_summary(error, secret=engine.url.password)) from error
 
 
 def redacted_url(url: URL) -> str:

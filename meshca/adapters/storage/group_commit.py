@@ -197,6 +197,16 @@ class GroupCommitWriter:
         with self._lock:
             return WriterCounters(self._written, self._failed, self._dropped)
 
+    @property
+    def problem(self) -> str | None:
+        """Why no row can be written now (closed, or the writer thread died); else None."""
+        if self._closed:
+            return f"the {self._what} is closed"
+        writer = self._writer
+        if writer is not None and not writer.is_alive():
+            return f"the {self._what} writer thread stopped"
+        return None
+
     def start(self) -> None:
         """Start the writer thread now rather than on the first row.
 

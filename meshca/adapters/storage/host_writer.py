@@ -360,6 +360,7 @@ class RecordWriterClient:
         self._in_flight: dict[int, list[asyncio.Future[None]]] = {}
         self._next_batch = 0
         self._problem: str | None = None
+        self._failures = 0
         self._drained: asyncio.Event | None = None
         self._closing = False
 
@@ -369,9 +370,22 @@ class RecordWriterClient:
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
+    @property
+    def write_failures(self) -> int:
+        """Records the writer refused or never confirmed, since this client was made."""
+        return self._failures
+
+    @property
+    def writer_problem(self) -> str | None:
+        """Why nothing can be appended now (not started, writer gone, closed); else None."""
+        if self._loop is None:
+            return "the record writer is not connected"
+        return self._problem
+
     async def append(self, record: AuditRecord) -> None:
         values = encode_record(record)
         if self._problem is not None or self._loop is None:
+            self._failures += 1
             raise BackendUnavailable(self._problem or "the record writer is not connected")
         future: asyncio.Future[None] = self._loop.create_future()
         if not self._queued:
@@ -462,15 +476,16 @@ class RecordWriterClient:
         if self._drained is not None and not self._in_flight:
             self._drained.set()
 
-    @staticmethod
-    def _settle(futures: Sequence[asyncio.Future[None]], outcomes: Any) -> None:
+    def _settle(self, futures: Sequence[asyncio.Future[None]], outcomes: Any) -> None:
         for index, future in enumerate(futures):
+            failed = outcomes is not None and outcomes[index] is not None
+            self._failures += failed
             if future.done():  # its caller was cancelled
                 continue
-            if outcomes is None or outcomes[index] is None:
-                future.set_result(None)
-            else:
+            if failed:
                 future.set_exception(BackendUnavailable(outcomes[index]))
+            else:
+                future.set_result(None)
 
     def _lost(self, problem: str) -> None:
         self._problem = self._problem or problem
@@ -490,8 +505,8 @@ class RecordWriterClient:
                 self._loop.remove_writer(self._sock.fileno())
         self._sock.close()
 
-    @staticmethod
-    def _fail(futures: Sequence[asyncio.Future[None]], problem: str) -> None:
+    def _fail(self, futures: Sequence[asyncio.Future[None]], problem: str) -> None:
+        self._failures += len(futures)
         for future in futures:
             if not future.done():
                 future.set_exception(BackendUnavailable(problem))

@@ -335,10 +335,13 @@ async def test_missing_table_fails_append_then_recovers(store: SqlAuditLog, engi
     assert all(isinstance(r, BackendUnavailable) for r in results), results
     with pytest.raises(BackendUnavailable, match="cannot read"):
         await store.list()
+    # Refused records are counted (readiness reads this); the writer itself lives on.
+    assert (store.write_failures, store.writer_problem) == (20, None)
 
     create_schema(engine)
     await asyncio.wait_for(store.append(record(99)), NO_HANG)
     assert [r.serial for r in await store.list()] == [record(99).serial]
+    assert store.write_failures == 20
 
 
 async def test_one_unstorable_record_fails_alone(engine: Engine) -> None:
@@ -454,6 +457,16 @@ async def test_cancelled_append_leaves_the_writer_working(store: SqlAuditLog) ->
 
     await asyncio.wait_for(store.append(record(1)), NO_HANG)
     assert record(1).serial in {r.serial for r in await store.list()}
+
+
+async def test_a_closed_store_reports_why_nothing_is_written(engine: Engine) -> None:
+    store = SqlAuditLog(engine)
+    assert store.writer_problem is None
+    await store.aclose()
+    assert store.writer_problem == "the issuance record is closed"
+    with pytest.raises(BackendUnavailable):
+        await store.append(record(0))
+    assert store.write_failures == 1
 
 
 def test_close_before_any_append(engine: Engine) -> None:

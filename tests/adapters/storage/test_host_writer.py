@@ -160,15 +160,21 @@ async def test_lost_table_fails_appends_then_recovers(host: Host, engine: Engine
     appends = (client.append(make_record(n)) for n in range(1, 6))
     results = await asyncio.wait_for(asyncio.gather(*appends, return_exceptions=True), NO_HANG)
     assert all(isinstance(r, BackendUnavailable) for r in results), results
+    # Refused records are counted (readiness reads this); the connection is still fine.
+    assert (client.write_failures, client.writer_problem) == (5, None)
+    assert host.clients[1].write_failures == 0
     create_schema(engine)
     await asyncio.wait_for(client.append(make_record(99)), NO_HANG)
     assert [serial for _, serial in leaves(engine)] == [make_record(99).serial]
+    assert client.write_failures == 5
 
 
 async def test_writer_gone_fails_pending_and_later_appends(engine: Engine) -> None:
     ours, theirs = socket.socketpair()
     client = RecordWriterClient(theirs)
+    assert client.writer_problem == "the record writer is not connected"
     await client.start()
+    assert client.writer_problem is None
     pending = asyncio.ensure_future(client.append(make_record(0)))
     await asyncio.sleep(0.05)
     assert not pending.done()  # nobody answers yet
@@ -177,6 +183,8 @@ async def test_writer_gone_fails_pending_and_later_appends(engine: Engine) -> No
         await asyncio.wait_for(pending, NO_HANG)
     with pytest.raises(BackendUnavailable, match="record writer is gone"):
         await client.append(make_record(1))
+    assert client.writer_problem == "the host's record writer is gone"
+    assert client.write_failures == 2
     await client.aclose()
 
 
