@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 from meshca.adapters.storage.engine import make_engine, sqlite_url_for
 from meshca.adapters.storage.migrate import SchemaUnknown, schema_state, upgrade
+from meshca.config import load_settings
 
 __all__ = ["database_url_of", "register"]
 
 
 def database_url_of(args: argparse.Namespace) -> str:
-    """``--database-url``, else the SQLite file in ``--data-dir``."""
-    if args.database_url:
-        return str(args.database_url)
-    return sqlite_url_for(Path(args.data_dir).resolve())
+    """``--database-url`` (or ``MESHCA_DATABASE_URL``), else the SQLite file in
+    ``--data-dir`` (or ``MESHCA_DATA_DIR``), as ``meshca serve`` would find them; the
+    environment keeps a password out of the process's arguments."""
+    settings = load_settings({"database_url": args.database_url, "data_dir": args.data_dir})
+    if settings.database_url:
+        return settings.database_url
+    return sqlite_url_for(settings.data_dir.resolve())
 
 
 def _upgrade(args: argparse.Namespace) -> int:
@@ -49,9 +52,12 @@ def _status(args: argparse.Namespace) -> int:
 
 def add_database_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data-dir", default="meshca-data", help="meshca's data directory (default ./meshca-data)"
+        "--data-dir", help="meshca's data directory (MESHCA_DATA_DIR; default ./meshca-data)"
     )
-    parser.add_argument("--database-url", help="SQLAlchemy URL (instead of --data-dir's SQLite)")
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL, instead of --data-dir's SQLite (MESHCA_DATABASE_URL)",
+    )
 
 
 def register(commands: Any) -> None:

@@ -117,3 +117,25 @@ def test_processes_starting_together_migrate_once(database_url: str) -> None:
     finally:
         for engine in engines:
             engine.dispose()
+
+
+def test_db_commands_read_the_url_from_the_environment(
+    database_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """As `meshca serve` does: a Job passes MESHCA_DATABASE_URL, not a password argument."""
+    from meshca.cli import main as meshca_main
+
+    monkeypatch.chdir(tmp_path)  # where ./meshca-data would be, were the variable ignored
+    monkeypatch.setenv("MESHCA_DATABASE_URL", database_url)
+    assert meshca_main(["db", "status"]) == 1
+    assert "revision (none)" in capsys.readouterr().out
+    assert meshca_main(["db", "upgrade"]) == 0
+    assert f"to {head_revision()}" in capsys.readouterr().out
+    assert meshca_main(["db", "status"]) == 0
+    engine = make_engine(database_url)
+    assert schema_state(engine).up_to_date
+    engine.dispose()
+    assert not (tmp_path / "meshca-data").exists()
