@@ -9,6 +9,7 @@ second while the CA rotates with lifetimes of seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import subprocess
@@ -52,8 +53,9 @@ def replicas() -> Iterator[list[Replica]]:
     """Every replica a test starts; killed at the end whatever happened."""
     started: list[Replica] = []
     yield started
-    for replica in started:
-        replica.kill()
+    with contextlib.ExitStack() as stack:  # each one, even if another's kill fails
+        for replica in started:
+            stack.callback(replica.kill)
 
 
 def _journal(engine: Engine) -> AuthoritySet:
