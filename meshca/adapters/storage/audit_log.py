@@ -11,7 +11,6 @@ while each caller still returns only after its own record is durable. The mechan
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Sequence
 
 from sqlalchemy import Engine, Select, select
@@ -63,13 +62,11 @@ class SqlAuditLog:
             max_wait=max_wait,
             thread_name="meshca-audit-writer",
         )
-        self._failures = 0
-        self._failures_lock = threading.Lock()
 
     @property
     def write_failures(self) -> int:
         """Appends that raised (their records not committed) since this store was made."""
-        return self._failures
+        return self._writer.counters.failed
 
     @property
     def writer_problem(self) -> str | None:
@@ -90,13 +87,7 @@ class SqlAuditLog:
         ``InternalError`` for a naive datetime in ``record``. Cancelling the caller does
         not withdraw a record that is already queued.
         """
-        try:
-            await self._writer.write(stored_record(record))
-        except BackendUnavailable:
-            # Appends come from several threads and loops: += alone could lose a count.
-            with self._failures_lock:
-                self._failures += 1
-            raise
+        await self._writer.write(stored_record(record))
 
     async def list(
         self,

@@ -50,7 +50,10 @@ class _Pending:
 
 @dataclass(frozen=True, slots=True)
 class WriterCounters:
-    """What happened to rows queued with ``submit``, since the writer was made."""
+    """What happened to rows queued with ``submit`` or ``write``, since the writer was made.
+
+    ``failed`` also counts ``write`` calls refused because the writer was closed.
+    """
 
     written: int
     failed: int
@@ -225,6 +228,8 @@ class GroupCommitWriter:
         future: asyncio.Future[None] = loop.create_future()
         # The lock orders this put before close()'s stop signal, so no row is stranded.
         with self._lock:
+            if self._closed:
+                self._failed += 1
             self._check_open()
             self._start_writer()
             self._queue.put(_Pending(row, loop, future))
@@ -332,21 +337,21 @@ class GroupCommitWriter:
     ) -> None:
         """Resolve each waiting future on its own loop, with one wake-up per loop."""
         by_loop: dict[asyncio.AbstractEventLoop, builtins.list[_Outcome]] = {}
-        unawaited = 0
+        rows = unawaited = 0
         for pending in batch:
+            rows += 1
             if pending.loop is None or pending.future is None:
                 unawaited += 1
                 continue
             # A fresh exception per caller: a shared one would collect everyone's traceback.
             error = None if make_error is None else make_error()
             by_loop.setdefault(pending.loop, []).append((pending.future, error))
-        if unawaited:
-            with self._lock:
-                self._unawaited -= unawaited
-                if make_error is None:
-                    self._written += unawaited
-                else:
-                    self._failed += unawaited
+        with self._lock:
+            self._unawaited -= unawaited
+            if make_error is None:
+                self._written += rows
+            else:
+                self._failed += rows
         for loop, outcomes in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_resolve, outcomes)
