@@ -30,6 +30,7 @@ __all__ = [
     "KeyImporter",
     "KeyInventory",
     "KeyManager",
+    "OutcomeObserver",
     "RecordWriterStatus",
     "SignedIntermediate",
     "UpstreamAuthority",
@@ -41,6 +42,16 @@ class Clock(Protocol):
     def now(self) -> datetime:
         """The current time, timezone-aware UTC."""
         ...
+
+
+class OutcomeObserver(Protocol):
+    """Hears how each signing request ended, for metrics and logs; must not raise.
+
+    Called once per request with its record (an issued record only once committed; a
+    refusal whether or not its record could be committed) and the time it took.
+    """
+
+    def __call__(self, record: AuditRecord, duration: timedelta) -> None: ...
 
 
 class Attestor(Protocol):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,7 +31,7 @@ from meshca.core.errors import (
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
 from meshca.core.leaf_der import certificate_pem
-from meshca.core.ports import Attestor, AuditLog, Clock
+from meshca.core.ports import Attestor, AuditLog, Clock, OutcomeObserver
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 
@@ -106,6 +106,7 @@ class CertificateService:
         policy: IssuancePolicy,
         new_serial: Callable[[], int],
         offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
+        on_outcome: OutcomeObserver | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
@@ -117,6 +118,7 @@ class CertificateService:
         # Where signing runs when it may block (a remote key, as Vault's Transit); None
         # signs in the caller, as a local key takes microseconds and a worker owns a core.
         self._offload = offload
+        self._on_outcome = on_outcome
 
     async def sign(self, request: SignRequest) -> SignedCertificate:
         now = self._clock.now()
@@ -159,10 +161,12 @@ class CertificateService:
         )
         try:
             await self._audit.append(record)
-        except MeshcaError:
+        except MeshcaError as error:
             # The record is the certificate's licence to leave: without it, nothing leaves.
             log.error("issuance record not committed; withholding certificate %s", record.serial)
+            self._observe(_withheld(record, error), now)
             raise
+        self._observe(record, now)
         return SignedCertificate(
             leaf_der=issued.leaf_der,
             serial=serial,
@@ -222,6 +226,29 @@ class CertificateService:
             log.error("refusal record not committed: %s %s", record.reason, record.spiffe_id)
         except Exception:
             log.exception("refusal record not committed")
+        self._observe(record, now)
+
+    def _observe(self, record: AuditRecord, started: datetime) -> None:
+        if self._on_outcome is None:
+            return
+        try:
+            self._on_outcome(record, self._clock.now() - started)
+        except Exception:
+            log.exception("an outcome observer failed")
+
+
+def _withheld(issued: AuditRecord, error: MeshcaError) -> AuditRecord:
+    """The refusal the caller saw when ``issued``'s record could not be committed."""
+    return replace(
+        issued,
+        outcome=Outcome.REFUSED,
+        reason=error.reason,
+        detail=error.message[:1000],
+        serial=None,
+        fingerprint_sha256=None,
+        not_before=None,
+        not_after=None,
+    )
 
 
 class _RefusalContext:

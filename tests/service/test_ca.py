@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from meshca.core import errors
-from meshca.core.audit import Outcome
+from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.identity import KubernetesIdentity
 from meshca.core.issuance import IssuancePolicy
 from meshca.service.ca import MAX_TOKEN_BYTES, CertificateService, SignRequest
@@ -32,7 +32,11 @@ async def _inline(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def _service(audit: MemoryAuditLog, attestor: FakeAttestor | None = None) -> CertificateService:
+def _service(
+    audit: MemoryAuditLog,
+    attestor: FakeAttestor | None = None,
+    on_outcome: Callable[[AuditRecord, timedelta], None] | None = None,
+) -> CertificateService:
     serials = iter(range(1 << 100, (1 << 100) + 10_000))
     return CertificateService(
         trust_domain=TRUST_DOMAIN,
@@ -43,6 +47,7 @@ def _service(audit: MemoryAuditLog, attestor: FakeAttestor | None = None) -> Cer
         policy=IssuancePolicy(default_ttl=timedelta(hours=1), max_ttl=timedelta(hours=24)),
         new_serial=lambda: next(serials),
         offload=_inline,
+        on_outcome=on_outcome,
     )
 
 
@@ -168,3 +173,40 @@ async def test_concurrent_requests_get_distinct_serials() -> None:
     assert len(serials) == 50
     assert len(audit.records) == 50
     assert all(isinstance(r.leaf, x509.Certificate) for r in results)
+
+
+async def test_the_observer_hears_each_outcome_after_its_record() -> None:
+    audit = MemoryAuditLog()
+    heard: list[tuple[AuditRecord, timedelta, int]] = []
+    service = _service(
+        audit, on_outcome=lambda record, took: heard.append((record, took, len(audit.records)))
+    )
+    await service.sign(_request())
+    with pytest.raises(errors.AuthenticationFailed):
+        await service.sign(_request(token="forged"))
+    assert [(r.outcome, r.reason, n) for r, _, n in heard] == [
+        (Outcome.ISSUED, "ok", 1),
+        (Outcome.REFUSED, "token-invalid", 2),
+    ]
+    assert [r for r, _, _ in heard] == audit.records
+    assert all(took >= timedelta(0) for _, took, _ in heard)
+
+
+async def test_the_observer_hears_a_certificate_withheld_for_want_of_its_record() -> None:
+    heard: list[AuditRecord] = []
+    service = _service(MemoryAuditLog(fail=True), on_outcome=lambda r, _: heard.append(r))
+    with pytest.raises(errors.BackendUnavailable):
+        await service.sign(_request())
+    [record] = heard
+    assert (record.outcome, record.reason) == (Outcome.REFUSED, "backend-unavailable")
+    assert record.serial is None and record.fingerprint_sha256 is None
+    assert record.spiffe_id == WEB_ID
+
+
+async def test_a_failing_observer_does_not_fail_issuance() -> None:
+    def broken(record: AuditRecord, took: timedelta) -> None:
+        raise RuntimeError("observer bug")
+
+    audit = MemoryAuditLog()
+    signed = await _service(audit, on_outcome=broken).sign(_request())
+    assert audit.records[0].serial == f"{signed.serial:x}"
