@@ -13,9 +13,11 @@ import functools
 import hashlib
 import logging
 import random
+import shutil
 import signal
 import socket
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -55,6 +57,15 @@ from meshca.adapters.keys.sealed import (
     KeyRing,
     SealedKeyManager,
     SealedKeys,
+)
+from meshca.adapters.metrics import (
+    DatabaseState,
+    MeshcaMetrics,
+    MetricsServer,
+    TimedAttestor,
+    count_into,
+    meshca_metrics,
+    start_metrics_server,
 )
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.storage.audit_log import SqlAuditLog
@@ -303,7 +314,9 @@ def prepare(settings: Settings) -> None:
         engine.dispose()
 
 
-def build_attestor(settings: Settings, clock: Clock) -> Attestor:
+def build_attestor(
+    settings: Settings, clock: Clock, metrics: MeshcaMetrics | None = None
+) -> Attestor:
     audiences = list(settings.k8s_audience)
     inner: Attestor
     match settings.k8s_mode:
@@ -340,6 +353,9 @@ def build_attestor(settings: Settings, clock: Clock) -> Attestor:
             )
         case other:
             raise ConfigError(f"unknown k8s-mode {other!r}")
+    if metrics is not None:
+        # Timed inside the cache: what is measured is the cluster's answer.
+        inner = TimedAttestor(inner, metrics.attestation_seconds.labels(settings.k8s_mode).observe)
     return CachingAttestor(inner, clock, max_ttl=settings.token_cache_ttl)
 
 
@@ -366,9 +382,12 @@ class Worker:
     audit_port: int | None = None
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
+    metrics_server: MetricsServer | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         self.stopping.set()
+        if self.metrics_server is not None:
+            await asyncio.to_thread(self.metrics_server.stop)
         if self.bundle_endpoint is not None:
             await self.bundle_endpoint.stop()
         await self.server.stop(grace)
@@ -500,10 +519,13 @@ class _ReadyHealth:
 class _PolicyHealth:
     """Reports the policy set's state as the health of ``POLICY_HEALTH`` once serving."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: MeshcaMetrics | None) -> None:
         self.health: Any = None
+        self._metrics = metrics
 
     async def __call__(self, status: PolicyStatus) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_policy_set(status.healthy)
         if self.health is not None:
             serving = health_pb2.HealthCheckResponse
             await self.health.set(
@@ -512,7 +534,11 @@ class _PolicyHealth:
 
 
 async def build_authz(
-    settings: Settings, engine: Engine, clock: Clock, on_status: _PolicyHealth
+    settings: Settings,
+    engine: Engine,
+    clock: Clock,
+    on_status: _PolicyHealth,
+    metrics: MeshcaMetrics | None = None,
 ) -> tuple[AuthorizationService | None, SqlDecisionLog | None]:
     """With ``--policy-dir``: the authorization service, its first load done, and its log.
 
@@ -530,6 +556,7 @@ async def build_authz(
         sample_rate=settings.decision_sample_rate,
         random=random.random,
         on_status=on_status,
+        on_decision=None if metrics is None else metrics.observe_decision,
     )
     await authz.reload()
     return authz, decisions
@@ -548,9 +575,10 @@ async def start_worker(
     engine = make_engine(settings.effective_database_url)
     authorities = build_authorities(settings, engine, clock)
     await asyncio.to_thread(authorities.refresh)
+    metrics = None if settings.metrics_listen is None else meshca_metrics()
     audit: SqlAuditLog | RecordWriterClient
     if record_writer is None:
-        audit = SqlAuditLog(engine)
+        audit = SqlAuditLog(engine, on_commit=None if metrics is None else metrics.observe_commit)
     else:
         audit = RecordWriterClient(record_writer)
         await audit.start()
@@ -564,7 +592,7 @@ async def start_worker(
     bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
     ca = CertificateService(
         trust_domain=trust_domain,
-        attestor=build_attestor(settings, clock),
+        attestor=build_attestor(settings, clock, metrics),
         audit_log=audit,
         authority=authorities.current,
         clock=clock,
@@ -576,13 +604,14 @@ async def start_worker(
         # Transit signs over the network: keep that off the event loop. Local keys sign
         # in microseconds, and a worker process owns its core anyway.
         offload=offload if settings.vault_transit else None,
+        on_outcome=None if metrics is None else metrics.observe_outcome,
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
     )
     tls = None if serving is None else await serving.issue()
-    policy_health = _PolicyHealth()
-    authz, decisions = await build_authz(settings, engine, clock, policy_health)
+    policy_health = _PolicyHealth(metrics)
+    authz, decisions = await build_authz(settings, engine, clock, policy_health, metrics)
 
     def record_counters() -> tuple[int, int]:
         counters = decisions.counters if decisions is not None else None
@@ -634,6 +663,8 @@ async def start_worker(
         await health_server.start()
 
     def report_health(problem: str | None) -> None:
+        if metrics is not None:
+            metrics.observe_degraded(problem)
         # Still SERVING overall: issuance goes on under the current intermediate.
         status = health_pb2.HealthCheckResponse
         task = asyncio.ensure_future(
@@ -668,6 +699,12 @@ async def start_worker(
             )
         bundle_host, _, bundle_port_text = settings.bundle_endpoint.rpartition(":")
         bundle_port = await endpoint.start(bundle_host.strip("[]"), int(bundle_port_text))
+    metrics_server = None
+    if settings.metrics_listen is not None and record_writer is None:
+        # A worker of ``serve`` leaves this to the supervisor, which sums every worker.
+        metrics_server = start_metrics_server(
+            settings.metrics_listen, functools.partial(read_database_state, engine), clock.now
+        )
     stopping = asyncio.Event()
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(rotator.run(stopping))]
     tasks.append(asyncio.create_task(maintenance.run(stopping)))
@@ -699,6 +736,20 @@ async def start_worker(
         audit_port=audit_port,
         health_server=health_server,
         health_port=health_port,
+        metrics_server=metrics_server,
+    )
+
+
+def read_database_state(engine: Engine) -> DatabaseState:
+    """The CA's state as the metrics show it: journal, bundle sequence, log size and head."""
+    authorities = SqlAuthorityJournal(engine).load()
+    issuance_log = SqlTransparencyLog(engine)
+    head = issuance_log.latest_head()
+    return DatabaseState(
+        authorities=authorities,
+        bundle_sequence=authorities.bundle_sequence(),
+        tree_size=issuance_log.state().tree_size,
+        head_time=None if head is None else head.head.timestamp,
     )
 
 
@@ -713,6 +764,9 @@ async def run_worker(
     if settings.health_listen is not None:
         health_host = settings.health_listen.rpartition(":")[0]
         log.info("health on %s:%d (plaintext, health only)", health_host, worker.health_port)
+    if worker.metrics_server is not None:
+        metrics_host = (settings.metrics_listen or "").rpartition(":")[0]
+        log.info("metrics on http://%s:%d/metrics", metrics_host, worker.metrics_server.port)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -729,7 +783,13 @@ def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) 
 
 def _host_writer(settings: Settings, connections: Sequence[socket.socket]) -> HostRecordWriter:
     engine = make_engine(settings.effective_database_url)
-    committer = BatchCommitter(engine, insert_records, what="issuance record")
+    metrics = None if settings.metrics_listen is None else meshca_metrics()
+    committer = BatchCommitter(
+        engine,
+        insert_records,
+        what="issuance record",
+        on_commit=None if metrics is None else metrics.observe_commit,
+    )
     return HostRecordWriter(committer, connections)
 
 
@@ -737,10 +797,39 @@ def serve(settings: Settings) -> int:
     """Run ``settings.workers`` server processes sharing one port; returns an exit code."""
     configure_logging(settings)
     prepare(settings)
-    pool = WorkerPool(
-        settings.workers,
-        settings.listen,
-        target=functools.partial(_worker_main, settings),
-        writer=functools.partial(_host_writer, settings),
-    )
-    return pool.run()
+    with contextlib.ExitStack() as cleanup:
+        if settings.metrics_listen is not None:
+            cleanup.enter_context(_served_metrics(settings))
+        pool = WorkerPool(
+            settings.workers,
+            settings.listen,
+            target=functools.partial(_worker_main, settings),
+            writer=functools.partial(_host_writer, settings),
+        )
+        return pool.run()
+
+
+@contextlib.contextmanager
+def _served_metrics(settings: Settings) -> Iterator[None]:
+    """Every process of ``serve`` counts into files of one directory; we serve their sum."""
+    assert settings.metrics_listen is not None
+    directory = Path(tempfile.mkdtemp(prefix="meshca-metrics-"))
+    count_into(directory)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        server = start_metrics_server(
+            settings.metrics_listen,
+            functools.partial(read_database_state, engine),
+            SystemClock().now,
+        )
+    except OSError as error:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ConfigError(f"metrics-listen {settings.metrics_listen}: {error.strerror}") from None
+    host = settings.metrics_listen.rpartition(":")[0]
+    log.info("metrics on http://%s:%d/metrics (all workers)", host, server.port)
+    try:
+        yield
+    finally:
+        server.stop()
+        engine.dispose()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -111,6 +111,7 @@ class Settings:
     audit_retention: timedelta | None = None
     key_encryption_key_file: Path | None = None
     health_listen: str | None = None
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -146,6 +147,8 @@ class Settings:
             raise ConfigError("audit-listen must be HOST:PORT")
         if self.health_listen is not None and ":" not in self.health_listen:
             raise ConfigError("health-listen must be HOST:PORT")
+        if self.metrics_listen is not None and ":" not in self.metrics_listen:
+            raise ConfigError("metrics-listen must be HOST:PORT")
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
 

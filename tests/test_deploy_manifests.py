@@ -179,6 +179,20 @@ def test_probes_use_the_health_port_the_config_names() -> None:
         assert container["startupProbe"]["grpc"].get("service", "") == ""
 
 
+def test_prometheus_scrapes_the_metrics_port_the_config_names() -> None:
+    config = _config()
+    host, _, _ = config["metrics-listen"].rpartition(":")
+    assert host not in ("127.0.0.1", "localhost", "[::1]", "::1")
+    metrics_port = _port_of(config["metrics-listen"])
+    assert metrics_port not in (_port_of(config["listen"]), _port_of(config["health-listen"]))
+    container = _meshca_container()
+    assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+    annotations = _deployment()["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(metrics_port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
 def test_database_url_comes_from_a_secret_and_never_from_the_config() -> None:
     assert "database-url" not in _config()
     assert "database_url" not in _config()

@@ -69,6 +69,8 @@ HELP = {
     "one); while replacing it, one key per line, the new one first",
     "health_listen": "HOST:PORT serving only gRPC health, in plaintext, for Kubernetes probes "
     "(service '' is liveness, 'meshca.ready' readiness)",
+    "metrics_listen": "HOST:PORT serving Prometheus metrics at /metrics, in plaintext "
+    "(every worker process summed)",
 }
 
 

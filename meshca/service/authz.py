@@ -99,6 +99,7 @@ class AuthorizationService:
         sample_rate: float = 1.0,
         random: Callable[[], float] = lambda: 0.0,
         on_status: Callable[[PolicyStatus], Awaitable[None]] | None = None,
+        on_decision: Callable[[Decision], None] | None = None,
     ) -> None:
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be within 0..1, not {sample_rate}")
@@ -109,6 +110,7 @@ class AuthorizationService:
         self._sample_rate = sample_rate
         self._random = random
         self._on_status = on_status
+        self._on_decision = on_decision
         self._set: PolicySet | None = None
         self._status = PolicyStatus()
         self._allowed = 0
@@ -217,6 +219,8 @@ class AuthorizationService:
             self._allowed += 1
         else:
             self._denied += 1
+        if self._on_decision is not None:
+            self._on_decision(decision)
         if self._log is not None and (
             not decision.allowed
             or decision.audit

@@ -11,7 +11,7 @@ while each caller still returns only after its own record is durable. The mechan
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sqlalchemy import Engine, Select, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,7 +51,14 @@ class SqlAuditLog:
     to filter values so that they still match.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 256, max_wait: float = 0.002) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int = 256,
+        max_wait: float = 0.002,
+        on_commit: Callable[[int, int], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._writer = GroupCommitWriter(
             engine,
@@ -61,6 +68,7 @@ class SqlAuditLog:
             max_batch=max_batch,
             max_wait=max_wait,
             thread_name="meshca-audit-writer",
+            on_commit=on_commit,
         )
 
     @property

@@ -80,10 +80,12 @@ class BatchCommitter:
         write: Callable[[Connection, list[Any]], None],
         *,
         what: str,
+        on_commit: Callable[[int, int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._write = write
         self._what = what
+        self._on_commit = on_commit
         self._gate = write_gate(engine)
         self._connection: Connection | None = None
 
@@ -95,7 +97,19 @@ class BatchCommitter:
             self._connection = None
 
     def commit(self, rows: builtins.list[Any]) -> builtins.list[str | None]:
-        """For each row, None once it is committed or why it was not."""
+        """For each row, None once it is committed or why it was not.
+
+        ``on_commit`` then hears the batch's size and how many of its rows failed.
+        """
+        outcomes = self._commit(rows)
+        if self._on_commit is not None:
+            try:
+                self._on_commit(len(rows), sum(o is not None for o in outcomes))
+            except Exception:
+                log.exception("a commit observer failed")
+        return outcomes
+
+    def _commit(self, rows: builtins.list[Any]) -> builtins.list[str | None]:
         try:
             self._insert(rows)
         except Exception as error:
@@ -172,12 +186,13 @@ class GroupCommitWriter:
         max_wait: float = 0.002,
         max_unawaited: int = 100_000,
         thread_name: str = "meshca-record-writer",
+        on_commit: Callable[[int, int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         if max_wait < 0:
             raise ValueError(f"max_wait must not be negative, not {max_wait}")
-        self._committer = BatchCommitter(engine, write, what=what)
+        self._committer = BatchCommitter(engine, write, what=what, on_commit=on_commit)
         self._what = what
         self._max_batch = max_batch
         self._max_wait = max_wait
