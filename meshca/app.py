@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 import socket
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -811,9 +810,15 @@ def serve(settings: Settings) -> int:
 
 @contextlib.contextmanager
 def _served_metrics(settings: Settings) -> Iterator[None]:
-    """Every process of ``serve`` counts into files of one directory; we serve their sum."""
+    """Every process of ``serve`` counts into files of one directory; we serve their sum.
+
+    The directory is in the data dir (writable in any deployment, unlike a read-only
+    root's /tmp) and starts empty: counts left by a killed run are not ours.
+    """
     assert settings.metrics_listen is not None
-    directory = Path(tempfile.mkdtemp(prefix="meshca-metrics-"))
+    directory = settings.data_dir / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700)
     count_into(directory)
     engine = make_engine(settings.effective_database_url)
     try:

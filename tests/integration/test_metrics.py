@@ -231,6 +231,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
         process.send_signal(signal.SIGTERM)
         try:
             assert process.wait(timeout=30) == 0, "".join(served.output[-50:])
+            # The workers' count files go with the server.
+            assert not (tmp_path / "data" / "metrics").exists()
         finally:
             if process.poll() is None:
                 process.kill()
