@@ -13,14 +13,18 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc.server import READY_HEALTH as READY
 from meshca.adapters.k8s.token_review import API_SERVER_UNAVAILABLE
+from meshca.app import AUTHORITY_HEALTH
 from meshca.core.audit import Outcome
+from meshca.service.ca import serial_hex
 from tests.fixtures_k8s import K8sApiStandIn, SigningKey
+from tests.fixtures_vault import OpenBao, vault_overrides
 from tests.integration.server_harness import RunningServer, running_server
 from tests.integration.test_grpc_server import _key_and_csr, _pem, _records
 
@@ -137,3 +141,96 @@ async def test_a_hung_api_server_does_not_take_readiness_down(
             codes = await asyncio.gather(*flood)
         assert set(codes) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
         assert grpc.StatusCode.UNAVAILABLE in codes
+
+
+#: Vault backdates what it signs by 30 s; capped at 40 s, an intermediate lives 70 s and is
+#: due for renewal 5 s after it is signed (meshca itself never asks for less than 60 s).
+#: Plaintext: meshca's own serving certificate would need 60 s left on its intermediate.
+VAULT_MAX_TTL = "40s"
+VAULT_FAST: dict[str, Any] = {
+    "plaintext": True,
+    "journal_poll": timedelta(seconds=0.1),
+    "max_svid_ttl": timedelta(seconds=4),
+    "svid_ttl": timedelta(seconds=4),
+    "propagation_delay": timedelta(seconds=2),
+    "intermediate_ttl": timedelta(seconds=40),
+}
+
+
+async def _chain(server: RunningServer) -> list[x509.Certificate]:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = istio_grpc.IstioCertificateServiceStub(channel)
+        response = await stub.CreateCertificate(
+            istio_pb2.IstioCertificateRequest(csr=_pem(_key_and_csr()[1])),
+            metadata=[("authorization", f"Bearer {server.minter.mint()}")],
+            timeout=10,
+        )
+    return [x509.load_pem_x509_certificate(p.encode()) for p in response.cert_chain]
+
+
+async def _authority_health(server: RunningServer) -> int:
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=AUTHORITY_HEALTH))
+    return int(answer.status)
+
+
+def _half_life(certificate: x509.Certificate) -> datetime:
+    start, end = certificate.not_valid_before_utc, certificate.not_valid_after_utc
+    return start + (end - start) / 2
+
+
+@pytest.mark.parametrize("dedicated_openbao", [True], ids=["raft"], indirect=True)
+async def test_openbao_killed_while_the_intermediate_falls_due(
+    dedicated_openbao: OpenBao, tmp_path: Path
+) -> None:
+    bao = dedicated_openbao
+    overrides = vault_overrides(bao, tmp_path, transit=False)
+    bao.call(
+        "POST", f"sys/mounts/{overrides['vault_pki_mount']}/tune", {"max_lease_ttl": VAULT_MAX_TTL}
+    )
+    serving = health_pb2.HealthCheckResponse.SERVING
+    async for server in running_server(tmp_path, **VAULT_FAST, **overrides):
+        first = await _chain(server)
+        intermediate, vault_root = first[1], first[-1]
+        due = _half_life(intermediate)
+        assert await _authority_health(server) == serving
+        bao.kill()  # kill -9
+
+        # Issuance goes on under the current intermediate, before and after it falls due.
+        received: list[x509.Certificate] = []
+        while datetime.now(UTC) < due + timedelta(seconds=1):
+            chain = await _chain(server)
+            assert chain[1] == intermediate
+            received.append(chain[0])
+            await asyncio.sleep(0.05)
+        assert server.worker.authorities.rotation().should_prepare_intermediate(
+            datetime.now(UTC)
+        ), "the renewal is due and cannot happen"
+        # ...and the CA says it is degraded, without claiming to be down.
+        assert server.worker.rotator.degraded and "unreachable" in server.worker.rotator.degraded
+        assert await _authority_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+        chain = await _chain(server)
+        assert chain[1] == intermediate and chain[0].not_valid_after_utc <= (
+            intermediate.not_valid_after_utc
+        )
+        received.append(chain[0])
+
+        # OpenBao comes back on the same storage: meshca renews and recovers by itself.
+        bao.start()
+        back = time.monotonic()
+        while time.monotonic() - back < 30:
+            renewed = server.worker.authorities.current().certificate != intermediate
+            if renewed and await _authority_health(server) == serving:
+                break
+            await asyncio.sleep(0.1)
+        assert server.worker.authorities.current().certificate != intermediate
+        assert await _authority_health(server) == serving
+        assert server.worker.rotator.degraded is None
+        chain = await _chain(server)
+        assert chain[1] != intermediate and chain[-1] == vault_root
+        received.append(chain[0])
+
+    # Every certificate a client received has its record.
+    issued = {r.serial for r in await _records(server) if r.outcome == Outcome.ISSUED}
+    assert {serial_hex(c.serial_number) for c in received} <= issued
