@@ -22,7 +22,8 @@ Fixtures:
     ``failed_requests``), and the
     levers ``publish()``, ``include_alg``, ``fail_status``, ``delay``,
     ``discovery_issuer``, ``omit_audiences``, ``deleted_pods``, ``api_audiences`` and
-    ``stop()``.
+    ``stop()``. A stopped stand-in stays stopped: to bring the API server back at the
+    same URL, start another with ``port=`` the old one's port (and its ``clock``).
 """
 
 from __future__ import annotations
@@ -389,6 +390,7 @@ class K8sApiStandIn:
         caller_token: str = "meshca-caller-token",
         audiences: Sequence[str] = (DEFAULT_AUDIENCE,),
         clock: FixedClock | None = None,
+        port: int = 0,
     ) -> None:
         self.keys = keys
         self.clock = clock or FixedClock()
@@ -414,7 +416,7 @@ class K8sApiStandIn:
         self.ca_file: str | None = str(tls.ca_file) if tls else None
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.api = self
         if tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -70,7 +70,7 @@ async def test_tokenreview_refusal_and_outage(
         await _create(reviewed, _pem(_key_and_csr()[1]), k8s_api_tls.minter.token())
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
     reasons = [r.reason for r in await _records(reviewed) if r.outcome == Outcome.REFUSED]
-    assert sorted(reasons) == ["backend-unavailable", "token-wrong-audience"]
+    assert sorted(reasons) == ["k8s-api-unavailable", "token-wrong-audience"]
 
 
 async def test_jwks_by_oidc_discovery_follows_a_key_rotation(

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,6 +30,8 @@ from meshca.core.identity import KubernetesIdentity
 from meshca.core.ports import Clock
 
 __all__ = [
+    "API_SERVER_REFUSED_MESHCA",
+    "API_SERVER_UNAVAILABLE",
     "IN_CLUSTER_SECRETS_DIR",
     "InClusterDefaults",
     "TokenReviewAttestor",
@@ -42,6 +45,11 @@ _EXTRA_POD_UID = "authentication.kubernetes.io/pod-uid"
 _EXTRA_NODE_NAME = "authentication.kubernetes.io/node-name"
 _MAX_CREDENTIAL_BYTES = 64 * 1024
 _EXPIRY_GRACE = timedelta(seconds=30)
+#: The audit reason of a refusal because the API server could not review the token: the
+#: token is not known bad, so the proxy gets UNAVAILABLE and retries.
+API_SERVER_UNAVAILABLE = "k8s-api-unavailable"
+#: ... and because the API server refused meshca's own credentials (RBAC, a stale token).
+API_SERVER_REFUSED_MESHCA = "k8s-api-refused-meshca"
 
 
 class InClusterDefaults(NamedTuple):
@@ -116,6 +124,10 @@ class TokenReviewAttestor:
 
     Raises ``BackendUnavailable`` when the API server cannot be reached, does not answer
     within ``timeout``, fails, or refuses meshca's own credentials (HTTP 401/403).
+
+    Reviews run on threads of their own, at most ``max_concurrent_reviews`` at a time:
+    while the API server hangs, each holds its thread for ``timeout``, and on the shared
+    default executor they would starve the readiness probe and the rotator.
     """
 
     def __init__(
@@ -128,6 +140,7 @@ class TokenReviewAttestor:
         clock: Clock,
         allow_legacy_tokens: bool = False,
         timeout: float = 5.0,
+        max_concurrent_reviews: int = 16,
     ) -> None:
         if not audiences:
             raise ValueError("at least one audience is required")
@@ -137,6 +150,9 @@ class TokenReviewAttestor:
         self._credential = _Credential(Path(token_file)) if token_file else None
         self._clock = clock
         self._allow_legacy = allow_legacy_tokens
+        self._reviewers = ThreadPoolExecutor(
+            max_workers=max_concurrent_reviews, thread_name_prefix="meshca-tokenreview"
+        )
 
     async def attest(self, token: str) -> KubernetesIdentity:
         _, claims = decode_unverified(token)
@@ -149,7 +165,8 @@ class TokenReviewAttestor:
         if expires_at is not None and self._clock.now() - _EXPIRY_GRACE >= expires_at:
             # Certain to fail; spare the API server. The grace matches JwksAttestor's leeway.
             raise AuthenticationFailed("token has expired", reason="token-expired")
-        response = await asyncio.to_thread(self._review, token)
+        loop = asyncio.get_running_loop()
+        response = await loop.run_in_executor(self._reviewers, self._review, token)
         status = _review_status(response, self._url)
         return self._identity(status, token, expires_at)
 
@@ -162,13 +179,16 @@ class TokenReviewAttestor:
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": self._audiences},
         }
-        return self._client.request(
-            self._url,
-            what="Kubernetes API server",
-            method="POST",
-            body=json.dumps(body).encode(),
-            headers=headers,
-        )
+        try:
+            return self._client.request(
+                self._url,
+                what="Kubernetes API server",
+                method="POST",
+                body=json.dumps(body).encode(),
+                headers=headers,
+            )
+        except BackendUnavailable as error:
+            raise BackendUnavailable(error.message, reason=API_SERVER_UNAVAILABLE) from None
 
     def _identity(
         self, status: Mapping[str, Any], token: str, expires_at: datetime | None
@@ -193,7 +213,10 @@ class TokenReviewAttestor:
             )
         user = status.get("user")
         if not isinstance(user, dict):
-            raise BackendUnavailable("TokenReview status has no user; is this a Kubernetes API?")
+            raise BackendUnavailable(
+                "TokenReview status has no user; is this a Kubernetes API?",
+                reason=API_SERVER_UNAVAILABLE,
+            )
         namespace, service_account = parse_service_account_username(user.get("username"))
         extra = user.get("extra")
         extra = extra if isinstance(extra, dict) else {}
@@ -214,17 +237,24 @@ def _review_status(response: HttpResponse, url: str) -> Mapping[str, Any]:
         raise BackendUnavailable(
             f"the Kubernetes API server refused meshca's own credentials for TokenReview "
             f"(HTTP {response.status}); check meshca's token file and that its service "
-            f"account may create tokenreviews (ClusterRole system:auth-delegator)"
+            f"account may create tokenreviews (ClusterRole system:auth-delegator)",
+            reason=API_SERVER_REFUSED_MESHCA,
         )
     if not 200 <= response.status < 300:
-        raise BackendUnavailable(f"TokenReview at {url} failed with HTTP {response.status}")
+        raise BackendUnavailable(
+            f"the Kubernetes API server's TokenReview at {url} failed with HTTP {response.status}",
+            reason=API_SERVER_UNAVAILABLE,
+        )
     try:
         review = json.loads(response.body)
     except (ValueError, RecursionError):
         review = None
     status = review.get("status") if isinstance(review, dict) else None
     if not isinstance(status, dict):
-        raise BackendUnavailable(f"TokenReview at {url} answered without a status object")
+        raise BackendUnavailable(
+            f"the Kubernetes API server's TokenReview at {url} answered without a status object",
+            reason=API_SERVER_UNAVAILABLE,
+        )
     return status
 
 

@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshca.adapters.k8s.token_review import (
+    API_SERVER_REFUSED_MESHCA,
+    API_SERVER_UNAVAILABLE,
     InClusterDefaults,
     TokenReviewAttestor,
     in_cluster_defaults,
@@ -166,8 +168,11 @@ async def test_legacy_token_accepted_when_allowed(k8s_api: K8sApiStandIn) -> Non
 async def test_wrong_caller_token_is_unavailable(k8s_api: K8sApiStandIn, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong-token"
     wrong.write_text("not-meshca")
-    with pytest.raises(BackendUnavailable, match=r"own credentials for TokenReview \(HTTP 401\)"):
+    with pytest.raises(
+        BackendUnavailable, match=r"own credentials for TokenReview \(HTTP 401\)"
+    ) as caught:
         await attestor_for(k8s_api, token_file=wrong).attest(k8s_api.minter.token())
+    assert caught.value.reason == API_SERVER_REFUSED_MESHCA
     assert k8s_api.reviews == 0
 
 
@@ -195,23 +200,39 @@ async def test_unusable_caller_token_file(
         await attestor_for(k8s_api, token_file=path).attest(k8s_api.minter.token())
 
 
-@pytest.mark.parametrize("status", [403, 500, 503, 404])
-async def test_api_server_failure_is_unavailable(k8s_api: K8sApiStandIn, status: int) -> None:
+@pytest.mark.parametrize(
+    ("status", "reason"),
+    [
+        (403, API_SERVER_REFUSED_MESHCA),
+        (500, API_SERVER_UNAVAILABLE),
+        (503, API_SERVER_UNAVAILABLE),
+        (429, API_SERVER_UNAVAILABLE),
+        (404, API_SERVER_UNAVAILABLE),
+    ],
+)
+async def test_api_server_failure_is_unavailable(
+    k8s_api: K8sApiStandIn, status: int, reason: str
+) -> None:
     k8s_api.fail_status = status
-    with pytest.raises(BackendUnavailable, match=f"HTTP {status}"):
+    with pytest.raises(BackendUnavailable, match=f"Kubernetes API server.*HTTP {status}") as caught:
         await attestor_for(k8s_api).attest(k8s_api.minter.token())
+    assert caught.value.reason == reason
 
 
 async def test_stopped_api_server_is_unavailable(k8s_api: K8sApiStandIn) -> None:
     k8s_api.stop()
-    with pytest.raises(BackendUnavailable, match="unreachable"):
+    with pytest.raises(BackendUnavailable, match=r"Kubernetes API server .* unreachable") as caught:
         await attestor_for(k8s_api).attest(k8s_api.minter.token())
+    assert caught.value.reason == API_SERVER_UNAVAILABLE
 
 
 async def test_slow_api_server_times_out(k8s_api: K8sApiStandIn) -> None:
     k8s_api.delay = 5
-    with pytest.raises(BackendUnavailable, match=r"within|timed out"):
+    with pytest.raises(
+        BackendUnavailable, match=r"Kubernetes API server .*(within|timed out)"
+    ) as caught:
         await attestor_for(k8s_api, timeout=0.2).attest(k8s_api.minter.token())
+    assert caught.value.reason == API_SERVER_UNAVAILABLE
 
 
 async def test_https_with_ca_file(k8s_api_tls: K8sApiStandIn) -> None:
