@@ -60,11 +60,11 @@ class Rotator:
                 await self.run_once()
             except MeshcaError as error:
                 delay = min(delay * 2, self._max_backoff)
-                self._set_degraded(f"{error.message}; retrying in {delay:.0f}s")
+                self._set_degraded(f"{error.message}; retrying in {delay:.3g}s")
             except Exception as error:
                 delay = min(delay * 2, self._max_backoff)
                 log.exception("CA rotation round failed")
-                self._set_degraded(f"unexpected {type(error).__name__}; retrying in {delay:.0f}s")
+                self._set_degraded(f"unexpected {type(error).__name__}; retrying in {delay:.3g}s")
             else:
                 delay = self._interval
                 self._set_degraded(None)
