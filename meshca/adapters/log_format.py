@@ -107,7 +107,7 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             line["stack"] = redact(self.formatStack(record.stack_info))
         # Values are redacted one by one: a cut-off PEM block must not eat the JSON's end.
-        return json.dumps(line, separators=(",", ":"), default=_fallback)
+        return _encode(line)
 
 
 def _fallback(value: object) -> str:
@@ -116,6 +116,10 @@ def _fallback(value: object) -> str:
         return redact(str(value))
     except Exception:
         return f"<unprintable {type(value).__name__}>"
+
+
+# Built once: json.dumps with any option builds a new encoder on every call.
+_encode = json.JSONEncoder(separators=(",", ":"), default=_fallback).encode
 
 
 class TextFormatter(logging.Formatter):
