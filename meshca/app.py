@@ -788,8 +788,13 @@ async def run_worker(
 
 def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
     configure_logging(settings)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(settings, listen, record_writer))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_worker(settings, listen, record_writer))
+    except Exception:
+        # Logged, not left to multiprocessing: its traceback would bypass --log-format.
+        log.exception("worker failed")
+        raise SystemExit(1) from None
 
 
 def _host_writer(settings: Settings, connections: Sequence[socket.socket]) -> HostRecordWriter:

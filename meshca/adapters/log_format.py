@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -152,8 +153,9 @@ def configure_logging(level: str, log_format: str) -> None:
     """Log at ``level`` and above to stderr in ``log_format`` (``text`` or ``json``).
 
     Like ``logging.basicConfig``, this does nothing when the root logger already has a
-    handler (a test runner's). With JSON, Python's warnings become log lines too, so
-    that stderr holds nothing but JSON.
+    handler (a test runner's). With JSON, Python's warnings, uncaught exceptions (of any
+    thread) and unraisable ones become log lines too, so that stderr holds nothing but
+    JSON from Python; gRPC's C core still writes its own lines (``E1127 12:00:00...``).
     """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be text or json, not {log_format!r}")
@@ -166,3 +168,26 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
     if log_format == "json":
         logging.captureWarnings(True)
+        _log_uncaught_exceptions()
+
+
+def _log_uncaught_exceptions() -> None:
+    log = logging.getLogger("meshca.uncaught")
+
+    def uncaught(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+        log.critical("uncaught exception", exc_info=(kind, error, tb))
+
+    def in_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            name = args.thread.name if args.thread else "?"
+            exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+            log.critical("uncaught exception in thread %s", name, exc_info=exc_info)
+
+    def unraisable(args: Any) -> None:
+        where = args.err_msg or "Exception ignored in"
+        exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        log.warning("%s: %r", where, args.object, exc_info=exc_info)
+
+    sys.excepthook = uncaught
+    threading.excepthook = in_thread
+    sys.unraisablehook = unraisable

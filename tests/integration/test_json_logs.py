@@ -288,3 +288,32 @@ def test_json_lines_carry_each_request_and_no_secret(served: Served) -> None:
             assert form not in output, f"{form[:40]}... is in the log"
     for marker_text in ("PRIVATE KEY", "CERTIFICATE REQUEST", "-----BEGIN", "[redacted"):
         assert marker_text not in output
+
+
+#: A line gRPC's C core writes itself (absl format), which no Python logging setting reaches.
+GRPC_CORE_LINE = re.compile(r"[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
+
+
+def test_a_worker_that_fails_says_so_in_json(tmp_path: Path) -> None:
+    # The health port is taken: the worker's start fails after logging was set up.
+    _, jwks = TokenMinter.create(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        command = serve_command(
+            tmp_path / "data",
+            jwks,
+            workers=1,
+            extra=["--log-format", "json", "--health-listen", taken],
+        )
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1, done.stderr
+    lines = []
+    for text in (done.stdout + done.stderr).splitlines():
+        if not GRPC_CORE_LINE.match(text):
+            lines.append(json.loads(text))
+    (failed,) = [line for line in lines if line["message"] == "worker failed"]
+    assert (failed["level"], failed["process"]) == ("error", "worker-0")
+    assert "Traceback" in failed["exception"]
