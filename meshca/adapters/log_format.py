@@ -5,8 +5,10 @@ Structured events pass their fields as ``extra`` (``log.info(..., extra={"event"
 the line does not know it) plus ``message``, ``logger`` and ``process``; ``exception``
 is added only to lines that carry a traceback. Free-text lines have the event ``log``.
 
-Both formats pass the finished line through ``redact``: whatever a message or a
-traceback quotes, PEM blocks (keys, CSRs, certificates) and JWTs never reach the log.
+Both formats pass what they write through ``redact`` (JSON: each text value; text: the
+finished line): whatever a message or a traceback quotes, PEM blocks (keys, CSRs,
+certificates) and JWTs never reach the log. meshca's own messages never quote them in
+the first place; this is the net under a library's exception text.
 """
 
 from __future__ import annotations
