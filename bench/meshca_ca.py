@@ -85,6 +85,7 @@ def meshca_ca(
     tls: bool = False,
     database_url: str | None = None,
     extra_trees: tuple[int, ...] = (),
+    flags: tuple[str, ...] = (),
 ) -> Iterator[Target]:
     """Start meshca on a free 127.0.0.1 port, wait until it serves, check one issuance.
 
@@ -93,6 +94,7 @@ def meshca_ca(
     ``workdir/<name>-data``. ``tls`` serves with meshca's own serving certificate instead
     of ``--plaintext``; the checks then trust meshca's bundle (``meshca ca bundle``).
     ``extra_trees`` are process trees that belong to this set-up (its PostgreSQL).
+    ``flags`` are more ``meshca serve`` flags; they override the bench's defaults.
     """
     data_dir = workdir / f"{name}-data"
     issuer = DevTokenIssuer(workdir / f"{name}-dev-issuer")
@@ -106,6 +108,7 @@ def meshca_ca(
         [
             *([] if tls else ["--plaintext"]),
             *(["--database-url", database_url] if database_url else []),
+            *flags,
         ],
     )
     # Flags only: a MESHCA_* variable in the caller's environment must not change the setup.
@@ -142,7 +145,8 @@ def serve_argv(
     listen: str, data_dir: Path, issuer: DevTokenIssuer, extra: list[str]
 ) -> tuple[list[str], Path | None]:
     """``meshca serve`` as the bench runs it (jwks mode against ``issuer``, ``WORKERS``
-    workers, warnings only) plus ``extra``; and the directory to run it in."""
+    workers, warnings only) plus ``extra``, which comes last so that it may override
+    those; and the directory to run it in."""
     command, cwd = _meshca_argv()
     argv = [
         *command,
@@ -161,11 +165,11 @@ def serve_argv(
         str(issuer.jwks_path),
         "--k8s-audience",
         AUDIENCE,
-        *extra,
         "--workers",
         str(WORKERS),
         "--log-level",
         "warning",
+        *extra,
     ]
     return argv, cwd
 

@@ -34,6 +34,7 @@ from sqlalchemy import Engine, make_url
 
 from meshca.adapters.bundle_endpoint import BundleEndpoint
 from meshca.adapters.clock import SystemClock
+from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
@@ -57,6 +58,7 @@ from meshca.adapters.keys.sealed import (
     SealedKeyManager,
     SealedKeys,
 )
+from meshca.adapters.log_format import configure_logging as configure_log_format
 from meshca.adapters.metrics import (
     DatabaseState,
     MeshcaMetrics,
@@ -88,7 +90,7 @@ from meshca.core.authority import Authority, trust_domain_ids
 from meshca.core.csr import CsrRequest
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
-from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager
+from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
 from meshca.core.readiness import Readiness
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
@@ -116,10 +118,17 @@ SERVER_WORKLOAD = ("meshca", "meshca")
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    configure_log_format(settings.log_level, settings.log_format)
+
+
+def each(observers: Sequence[OutcomeObserver]) -> OutcomeObserver:
+    """One observer that tells every one of ``observers``, in order."""
+
+    def observe(record: AuditRecord, duration: timedelta) -> None:
+        for observer in observers:
+            observer(record, duration)
+
+    return observe
 
 
 def build_authorities(
@@ -589,6 +598,9 @@ async def start_worker(
 
     view = authorities.view
     bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
+    observers: list[OutcomeObserver] = [OutcomeLog()]
+    if metrics is not None:
+        observers.append(metrics.observe_outcome)
     ca = CertificateService(
         trust_domain=trust_domain,
         attestor=build_attestor(settings, clock, metrics),
@@ -603,7 +615,7 @@ async def start_worker(
         # Transit signs over the network: keep that off the event loop. Local keys sign
         # in microseconds, and a worker process owns its core anyway.
         offload=offload if settings.vault_transit else None,
-        on_outcome=None if metrics is None else metrics.observe_outcome,
+        on_outcome=each(observers),
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
@@ -776,8 +788,13 @@ async def run_worker(
 
 def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
     configure_logging(settings)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_worker(settings, listen, record_writer))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_worker(settings, listen, record_writer))
+    except Exception:
+        # Logged, not left to multiprocessing: its traceback would bypass --log-format.
+        log.exception("worker failed")
+        raise SystemExit(1) from None
 
 
 def _host_writer(settings: Settings, connections: Sequence[socket.socket]) -> HostRecordWriter:

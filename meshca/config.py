@@ -100,6 +100,7 @@ class Settings:
     server_name: tuple[str, ...] = ("localhost",)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     log_level: str = "info"
+    log_format: str = "text"
     policy_dir: Path | None = None
     policy_default: str = "deny"
     policy_poll_interval: timedelta = timedelta(seconds=5)
@@ -126,6 +127,8 @@ class Settings:
             raise ConfigError(f"trust-domain: {exc}") from None
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log-level must be one of debug, info, warning, error")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log-format must be text or json, not {self.log_format!r}")
         if self.policy_default not in ("deny", "allow"):
             raise ConfigError(f"policy-default must be deny or allow, not {self.policy_default!r}")
         if not 0.0 <= self.decision_sample_rate <= 1.0:

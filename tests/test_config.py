@@ -115,3 +115,15 @@ def test_tokenreview_takes_in_cluster_defaults_from_the_environment() -> None:
 def test_tokenreview_outside_a_cluster_needs_an_api_server() -> None:
     with pytest.raises(ConfigError, match="k8s-api-server"):
         load_settings({}, environ={}).check_attestation()
+
+
+def test_log_format_from_flag_env_or_file(tmp_path: Path) -> None:
+    config = tmp_path / "meshca.yaml"
+    config.write_text("log-format: json\n")
+    assert load_settings({"config": str(config)}, environ={}).log_format == "json"
+    assert load_settings({}, environ={"MESHCA_LOG_FORMAT": "json"}).log_format == "json"
+    args = build_parser().parse_args(["serve", "--log-format", "json"])
+    assert settings_from(args).log_format == "json"
+    assert Settings().log_format == "text"
+    with pytest.raises(ConfigError, match="log-format must be text or json, not 'xml'"):
+        load_settings({"log_format": "xml"}, environ={})

@@ -53,7 +53,9 @@ HELP = {
     "plaintext": "serve without TLS (local use only)",
     "server_name": "DNS name or IP in meshca's serving certificate; repeat (default localhost)",
     "workers": "server processes sharing the port (default: one per CPU)",
-    "log_level": "debug, info, warning or error (default info)",
+    "log_level": "debug, info, warning or error (default info); warning keeps refusals "
+    "but drops the line per certificate issued",
+    "log_format": "text, or json: one object per line with stable keys (default text)",
     "policy_dir": "serve Envoy ext_authz decisions from the authorization policies here",
     "policy_default": "decision when no ALLOW policy selects a workload: deny or allow "
     "(default deny)",

@@ -39,7 +39,9 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
         await context.abort(status_for(error), error.message)
     # Internal failures get an opaque message; the log id ties it to the server log.
     log_id = uuid.uuid4().hex[:12]
-    log.error("internal error (log id %s)", log_id, exc_info=error)
+    log.error(
+        "internal error (log id %s)", log_id, exc_info=error, extra={"event": "internal-error"}
+    )
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (log id {log_id})")
 
 
