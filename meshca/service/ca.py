@@ -51,6 +51,9 @@ class SignRequest:
     requested_ttl: timedelta | None
     api: str
     peer: str | None = None
+    #: Why the credential the caller sent could not be read (a malformed header): the
+    #: request is then refused and recorded like any other bad token.
+    token_problem: AuthenticationFailed | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,7 @@ class CertificateService:
         now = self._clock.now()
         context = _RefusalContext()
         try:
-            identity = await self._attest(request.token)
+            identity = await self._attest(request)
             context.identity = identity
             spiffe_id = spiffe_id_for(identity, self._trust_domain)
             context.spiffe_id = spiffe_id
@@ -176,7 +179,10 @@ class CertificateService:
             authority=authority,
         )
 
-    async def _attest(self, token: str | None) -> KubernetesIdentity:
+    async def _attest(self, request: SignRequest) -> KubernetesIdentity:
+        if request.token_problem is not None:
+            raise request.token_problem
+        token = request.token
         if not token:
             raise AuthenticationFailed(
                 "no bearer token: send 'authorization: Bearer <service-account token>'",

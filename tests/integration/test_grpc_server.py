@@ -229,6 +229,33 @@ async def test_hostile_requests_are_refused_recorded_and_survived(
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param([("authorization", "Basic d2ViOnB3")], id="fail/basic-scheme"),
+        pytest.param([("authorization", "Bearer ")], id="fail/empty-bearer"),
+        pytest.param(
+            [("authorization", "Bearer a.b.c"), ("authorization", "Bearer d.e.f")],
+            id="fail/two-headers",
+        ),
+    ],
+)
+async def test_a_malformed_authorization_header_is_refused_and_recorded(
+    server: RunningServer, metadata: list[tuple[str, str]]
+) -> None:
+    _, csr = _key_and_csr(uris=(WEB_ID,))
+    async with server.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await istio_grpc.IstioCertificateServiceStub(channel).CreateCertificate(
+                istio_pb2.IstioCertificateRequest(csr=_pem(csr)), metadata=metadata, timeout=10
+            )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "d2ViOnB3" not in (caught.value.details() or "")
+    [refused] = [r for r in await _records(server) if r.outcome == "refused"]
+    assert (refused.api, refused.reason) == ("istio.v1.auth.CreateCertificate", "token-malformed")
+    assert refused.peer and refused.peer.startswith("ipv4:127.0.0.1:")
+
+
 async def test_two_hundred_concurrent_requests_get_distinct_serials(
     server: RunningServer,
 ) -> None:

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
-from meshca.adapters.grpc.metadata import bearer_token, peer_address
+from meshca.adapters.grpc.metadata import bearer_token_or_problem, peer_address
 from meshca.service.bundle import BundleSnapshot, TrustBundleService
 from meshca.service.ca import CertificateService, SignedCertificate, SignRequest, serial_hex
 
@@ -49,9 +49,11 @@ class CertificateServicer(ca_pb2_grpc.CertificateServiceServicer):
         return self._message[1]
 
     async def Sign(self, request: ca_pb2.SignRequest, context: Context) -> ca_pb2.SignResponse:
+        token, token_problem = bearer_token_or_problem(context)
         signed = await self._ca.sign(
             SignRequest(
-                token=bearer_token(context),
+                token=token,
+                token_problem=token_problem,
                 csr=request.csr,
                 requested_ttl=_ttl(request.ttl_seconds),
                 api=API_MESHCA,
@@ -92,9 +94,11 @@ class IstioCertificateServicer(istio_grpc.IstioCertificateServiceServicer):
     ) -> istio_pb2.IstioCertificateResponse:
         # The Struct metadata (ImpersonatedIdentity, CertSigner) never changes who the
         # caller is: identity comes from the token alone.
+        token, token_problem = bearer_token_or_problem(context)
         signed = await self._ca.sign(
             SignRequest(
-                token=bearer_token(context),
+                token=token,
+                token_problem=token_problem,
                 csr=request.csr.encode("utf-8", "surrogateescape"),
                 requested_ttl=_ttl(request.validity_duration),
                 api=API_ISTIO,

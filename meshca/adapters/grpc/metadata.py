@@ -8,7 +8,7 @@ import grpc
 
 from meshca.core.errors import AuthenticationFailed
 
-__all__ = ["bearer_token", "peer_address"]
+__all__ = ["bearer_token", "bearer_token_or_problem", "peer_address"]
 
 
 def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -31,6 +31,16 @@ def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
             "authorization header must be 'Bearer <token>'", reason="token-malformed"
         )
     return token.strip()
+
+
+def bearer_token_or_problem(
+    context: grpc.aio.ServicerContext[Any, Any],
+) -> tuple[str | None, AuthenticationFailed | None]:
+    """``bearer_token``'s answer, or its refusal as a value, for a caller that records it."""
+    try:
+        return bearer_token(context), None
+    except AuthenticationFailed as problem:
+        return None, problem
 
 
 def peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
