@@ -1,0 +1,76 @@
+"""Storage fault trials against a real ``meshca serve --workers 2`` under 32 proxies.
+
+PostgreSQL stopped mid-load (cleanly, and as a crash): while it is down every call is
+refused with UNAVAILABLE and readiness is off on both workers, liveness staying on;
+once it is back, the same processes issue and report ready again. SQLite's disk full:
+refusals name the full disk, the database passes ``PRAGMA integrity_check``, and
+issuance resumes once there is space. In both, every certificate a proxy received has
+its ISSUED record with its fingerprint, the log's leaves are gapless, and ``meshca
+audit verify`` passes. The figures printed are measured again by
+``bench/storage_faults.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_pg import PostgresServer
+from tests.integration.storage_trials import Trial, disk_full_trial, postgres_trial
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = 32
+
+
+def _assert_nothing_lost(trial: Trial) -> None:
+    assert trial.alive_throughout and trial.exit_code == 0, trial.log()
+    assert trial.records is not None
+    assert trial.records.certificates > 0
+    missing = trial.records.missing
+    assert not missing, f"{len(missing)} certificates without a record: {missing[:5]}"
+    assert not trial.records.mismatched, trial.records.mismatched[:5]
+    assert not trial.records.leaf_gaps
+    code, output = trial.verify
+    assert code == 0, output
+    assert "Traceback" not in "".join(trial.lines), trial.log(200)
+
+
+def _assert_refused_then_recovered(trial: Trial, *, clear: str) -> None:
+    # Every call got a certificate (with its record) or UNAVAILABLE, never another status.
+    assert set(trial.statuses()) <= {"OK", "UNAVAILABLE"}, trial.statuses()
+    refused = [c for c in trial.calls if c.code != "OK"]
+    assert len(refused) >= CLIENTS, "too few calls were refused to judge"
+    assert all(clear in c.detail for c in refused), {c.detail for c in refused}
+    # Readiness went off on both workers, and came back, in the same processes.
+    assert len(trial.workers_off) == 2 and trial.ready_off is not None, trial.log()
+    assert len(trial.workers_on) == 2 and trial.ready_on is not None, trial.log()
+    assert trial.first_ok_after_repair() is not None, "no certificate after the repair"
+    _assert_nothing_lost(trial)
+
+
+async def test_postgresql_stopped_mid_load_then_started(
+    tmp_path: Path, dedicated_postgres: PostgresServer
+) -> None:
+    # pg_ctl stop -m fast; bench/storage_faults.py also crashes it (-m immediate).
+    trial = await postgres_trial(dedicated_postgres, tmp_path, clients=CLIENTS)
+    print(f"\npostgresql stopped: {trial.figures()}")
+    down = trial.during_fault()
+    assert len(down) >= CLIENTS, "the proxies made too few calls while PostgreSQL was down"
+    assert all(c.code == "UNAVAILABLE" for c in down), [c for c in down if c.code != "OK"][:3]
+    _assert_refused_then_recovered(trial, clear="issuance record not committed")
+
+
+async def test_disk_full_under_the_sqlite_data_dir(tmp_path: Path) -> None:
+    trial = await disk_full_trial(tmp_path, clients=CLIENTS)
+    print(f"\ndisk full: {trial.figures()}")
+    # SQLite's own words for ENOSPC, passed on to the caller and the log.
+    _assert_refused_then_recovered(trial, clear="database or disk is full")
+    # The record writer's log line names it too.
+    logged = [line for line in trial.lines if "record(s) not committed" in line]
+    assert logged and all("database or disk is full" in line for line in logged), logged[:3]
+    assert trial.integrity == "ok"
+    # While full, most calls were refused; those that got through were recorded (above).
+    down = trial.during_fault()
+    assert sum(c.code == "UNAVAILABLE" for c in down) > len(down) // 2, trial.figures()
