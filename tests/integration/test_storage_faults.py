@@ -12,12 +12,23 @@ audit verify`` passes. The figures printed are measured again by
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures_pg import PostgresServer
-from tests.integration.storage_trials import Trial, disk_full_trial, postgres_trial
+from tests.integration.server_harness import TokenMinter, serve_command
+from tests.integration.storage_trials import (
+    Trial,
+    disk_full_trial,
+    fill,
+    free_port,
+    postgres_trial,
+    small_tmpfs,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +85,32 @@ async def test_disk_full_under_the_sqlite_data_dir(tmp_path: Path) -> None:
     # While full, most calls were refused; those that got through were recorded (above).
     down = trial.during_fault()
     assert sum(c.code == "UNAVAILABLE" for c in down) > len(down) // 2, trial.figures()
+
+
+def _serve_once(
+    tmp_path: Path, data_dir: Path, extra: list[str]
+) -> subprocess.CompletedProcess[str]:
+    _, jwks = TokenMinter.create(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    command = serve_command(data_dir, jwks, workers=2, extra=["--plaintext", *extra])
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, check=False)
+
+
+@pytest.mark.parametrize("fault", ["postgresql-down", "disk-full"])
+def test_serve_that_cannot_open_its_database_says_why_and_exits(tmp_path: Path, fault: str) -> None:
+    if fault == "postgresql-down":
+        # Nothing listens there: the connection is refused at once.
+        url = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+        done = _serve_once(tmp_path, tmp_path / "data", ["--database-url", url])
+        why = "Connection refused"
+    else:
+        with small_tmpfs(tmp_path / "disk", "1m") as disk:
+            fill(disk / "filler")
+            done = _serve_once(tmp_path, disk / "data", [])
+        why = "database or disk is full"
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("meshca: cannot start: cannot open database "), message
+    assert why in message
