@@ -392,6 +392,7 @@ class Trial:
             "refused": sum(c.code != "OK" for c in self.calls),
             "calls_while_down": len(down),
             "certificates_while_down": sum(c.code == "OK" for c in down),
+            "refused_after_repair": sum(c.code != "OK" for c in self.after_repair()),
             "fault_took": self.fault_done - self.fault_began,
             "first_refusal": min(refused) - self.fault_began if refused else None,
             "ready_off": _latest(self.workers_off, self.fault_began),
@@ -405,6 +406,54 @@ class Trial:
         for call in self.calls:
             counts[call.code] = counts.get(call.code, 0) + 1
         return counts
+
+    def problems(self, *, reason: str, clients: int) -> list[str]:
+        """Everything this trial did wrong; empty when it held.
+
+        It holds when every call got a certificate or UNAVAILABLE naming ``reason``, most
+        calls made while the fault lasted were refused, both workers went unready and
+        ready again, a certificate came after the repair, the server lived through it and
+        exited cleanly on SIGTERM, every certificate received has its ISSUED record with
+        its fingerprint, the leaves are gapless, ``meshca audit verify`` passed and (for
+        SQLite) ``PRAGMA integrity_check`` said ok.
+        """
+        found: list[str] = []
+        if not set(self.statuses()) <= {"OK", "UNAVAILABLE"}:
+            found.append(f"statuses other than OK and UNAVAILABLE: {self.statuses()}")
+        refused = [c for c in self.calls if c.code != "OK"]
+        if len(refused) < clients:
+            found.append(f"only {len(refused)} calls were refused, too few to judge")
+        unclear = {c.detail for c in refused if reason not in c.detail}
+        if unclear:
+            found.append(f"refusals that do not say {reason!r}: {sorted(unclear)[:3]}")
+        down = self.during_fault()
+        if sum(c.code == "UNAVAILABLE" for c in down) <= len(down) // 2:
+            found.append(f"{len(down)} calls while the fault lasted, most not refused")
+        if len(self.workers_off) != WORKERS or self.ready_off is None:
+            found.append(f"readiness did not go off on every worker: {self.workers_off}")
+        if len(self.workers_on) != WORKERS or self.ready_on is None:
+            found.append(f"readiness did not come back on every worker: {self.workers_on}")
+        if self.first_ok_after_repair() is None:
+            found.append("no certificate after the repair")
+        if not self.alive_throughout or self.exit_code != 0:
+            found.append(f"server died or exited {self.exit_code}")
+        if any("Traceback" in line for line in self.lines):
+            found.append("a traceback in the server's output")
+        records = self.records
+        if records is None or records.certificates == 0:
+            found.append("no certificate was received at all")
+        elif records.missing or records.mismatched or records.leaf_gaps:
+            found.append(
+                f"{len(records.missing)} certificates without a record "
+                f"{records.missing[:3]}, {len(records.mismatched)} with another "
+                f"fingerprint, leaf gaps: {records.leaf_gaps}"
+            )
+        code, output = self.verify
+        if code != 0:
+            found.append(f"meshca audit verify failed: {output[-500:]}")
+        if self.integrity not in ("", "ok"):
+            found.append(f"PRAGMA integrity_check: {self.integrity[:500]}")
+        return found
 
 
 def _latest(times: dict[str, float], since: float) -> float | None:

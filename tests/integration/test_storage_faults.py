@@ -22,7 +22,6 @@ import pytest
 from tests.fixtures_pg import PostgresServer
 from tests.integration.server_harness import TokenMinter, serve_command
 from tests.integration.storage_trials import (
-    Trial,
     disk_full_trial,
     fill,
     free_port,
@@ -35,56 +34,30 @@ pytestmark = pytest.mark.integration
 CLIENTS = 32
 
 
-def _assert_nothing_lost(trial: Trial) -> None:
-    assert trial.alive_throughout and trial.exit_code == 0, trial.log()
-    assert trial.records is not None
-    assert trial.records.certificates > 0
-    missing = trial.records.missing
-    assert not missing, f"{len(missing)} certificates without a record: {missing[:5]}"
-    assert not trial.records.mismatched, trial.records.mismatched[:5]
-    assert not trial.records.leaf_gaps
-    code, output = trial.verify
-    assert code == 0, output
-    assert "Traceback" not in "".join(trial.lines), trial.log(200)
-
-
-def _assert_refused_then_recovered(trial: Trial, *, clear: str) -> None:
-    # Every call got a certificate (with its record) or UNAVAILABLE, never another status.
-    assert set(trial.statuses()) <= {"OK", "UNAVAILABLE"}, trial.statuses()
-    refused = [c for c in trial.calls if c.code != "OK"]
-    assert len(refused) >= CLIENTS, "too few calls were refused to judge"
-    assert all(clear in c.detail for c in refused), {c.detail for c in refused}
-    # Readiness went off on both workers, and came back, in the same processes.
-    assert len(trial.workers_off) == 2 and trial.ready_off is not None, trial.log()
-    assert len(trial.workers_on) == 2 and trial.ready_on is not None, trial.log()
-    assert trial.first_ok_after_repair() is not None, "no certificate after the repair"
-    _assert_nothing_lost(trial)
-
-
 async def test_postgresql_stopped_mid_load_then_started(
     tmp_path: Path, dedicated_postgres: PostgresServer
 ) -> None:
     # pg_ctl stop -m fast; bench/storage_faults.py also crashes it (-m immediate).
     trial = await postgres_trial(dedicated_postgres, tmp_path, clients=CLIENTS)
     print(f"\npostgresql stopped: {trial.figures()}")
+    problems = trial.problems(reason="issuance record not committed", clients=CLIENTS)
+    assert not problems, (problems, trial.log())
+    # While it was down, not one certificate: every call was refused.
     down = trial.during_fault()
     assert len(down) >= CLIENTS, "the proxies made too few calls while PostgreSQL was down"
     assert all(c.code == "UNAVAILABLE" for c in down), [c for c in down if c.code != "OK"][:3]
-    _assert_refused_then_recovered(trial, clear="issuance record not committed")
 
 
 async def test_disk_full_under_the_sqlite_data_dir(tmp_path: Path) -> None:
     trial = await disk_full_trial(tmp_path, clients=CLIENTS)
     print(f"\ndisk full: {trial.figures()}")
     # SQLite's own words for ENOSPC, passed on to the caller and the log.
-    _assert_refused_then_recovered(trial, clear="database or disk is full")
+    problems = trial.problems(reason="database or disk is full", clients=CLIENTS)
+    assert not problems, (problems, trial.log())
     # The record writer's log line names it too.
     logged = [line for line in trial.lines if "record(s) not committed" in line]
     assert logged and all("database or disk is full" in line for line in logged), logged[:3]
     assert trial.integrity == "ok"
-    # While full, most calls were refused; those that got through were recorded (above).
-    down = trial.during_fault()
-    assert sum(c.code == "UNAVAILABLE" for c in down) > len(down) // 2, trial.figures()
 
 
 def _serve_once(
