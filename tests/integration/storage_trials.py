@@ -49,9 +49,17 @@ __all__ = [
     "Load",
     "RecordCheck",
     "Served",
+    "Trial",
     "audit_verify",
     "check_records",
+    "disk_full_trial",
+    "fill",
+    "free_port",
+    "integrity_check",
+    "pg_ctl",
+    "postgres_trial",
     "readiness_seen",
+    "small_tmpfs",
     "start_served",
 ]
 

@@ -12,19 +12,24 @@ audit verify`` passes. The figures printed are measured again by
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
+from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
+from tests.core.builders import csr_der
 from tests.fixtures_pg import PostgresServer
-from tests.integration.server_harness import TokenMinter, serve_command
+from tests.integration.server_harness import TokenMinter, running_server, serve_command
 from tests.integration.storage_trials import (
     disk_full_trial,
     fill,
     free_port,
+    integrity_check,
     postgres_trial,
     small_tmpfs,
 )
@@ -58,6 +63,43 @@ async def test_disk_full_under_the_sqlite_data_dir(tmp_path: Path) -> None:
     logged = [line for line in trial.lines if "record(s) not committed" in line]
     assert logged and all("database or disk is full" in line for line in logged), logged[:3]
     assert trial.integrity == "ok"
+
+
+async def _sign(stub: ca_pb2_grpc.CertificateServiceStub, token: str) -> ca_pb2.SignResponse:
+    return await stub.Sign(
+        ca_pb2.SignRequest(csr=csr_der()),
+        metadata=[("authorization", f"Bearer {token}")],
+        timeout=10,
+    )
+
+
+async def test_in_process_writer_survives_a_full_disk(tmp_path: Path) -> None:
+    # One process writing its own records (SqlAuditLog's writer thread, as in dev mode).
+    # running_server keeps its data in tmp_path / "data": the tmpfs is mounted there.
+    with small_tmpfs(tmp_path / "data", "8m") as disk:
+        async for server in running_server(tmp_path):
+            token = server.minter.mint()
+            async with server.channel() as channel:
+                stub = ca_pb2_grpc.CertificateServiceStub(channel)
+                await _sign(stub, token)
+                await asyncio.to_thread(fill, disk / "filler")
+                # The WAL reuses the space it has until a checkpoint: sign until refused.
+                for _ in range(2000):
+                    try:
+                        await _sign(stub, token)
+                    except grpc.aio.AioRpcError as error:
+                        refused = error
+                        break
+                else:
+                    raise AssertionError("2000 certificates issued on a full disk")
+                assert refused.code() == grpc.StatusCode.UNAVAILABLE
+                assert "database or disk is full" in (refused.details() or "")
+                assert server.worker.audit.writer_problem is None
+                (disk / "filler").unlink()
+                issued = await _sign(stub, token)
+            records = await server.worker.audit.list(serial=issued.serial)
+            assert [r.outcome for r in records] == ["issued"]
+        assert integrity_check(disk / "meshca.db") == "ok"
 
 
 def _serve_once(
