@@ -90,7 +90,8 @@ def main() -> int:
             failed += bool(problems)
             results[kind].append({**figures, "problems": problems})
             print(
-                f"{kind} run {run + 1}: {figures}" + (f" PROBLEMS {problems}" if problems else "")
+                f"{kind} run {run + 1}: {figures}" + (f" PROBLEMS {problems}" if problems else ""),
+                flush=True,
             )
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
