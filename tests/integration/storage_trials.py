@@ -633,7 +633,13 @@ def integrity_check(database: Path) -> str:
 
 
 async def disk_full_trial(
-    base: Path, *, clients: int = 32, size: str = "16m", warm: float = 1.0, full: float = 1.5
+    base: Path,
+    *,
+    clients: int = 32,
+    size: str = "16m",
+    warm: float = 1.0,
+    full: float = 1.5,
+    extra: Sequence[str] = (),
 ) -> Trial:
     """Fill the tmpfs holding the SQLite data dir under load, hold it full, then free it.
 
@@ -643,7 +649,7 @@ async def disk_full_trial(
     minter, jwks = TokenMinter.create(base)
     with small_tmpfs(base / "disk", size) as disk:
         data_dir = disk / "data"
-        served = start_served(data_dir, jwks, [])
+        served = start_served(data_dir, jwks, extra)
         try:
             assert await readiness_seen(served, SERVING, time.monotonic() + 20), served.log()
             load = Load(served.target, minter, clients)

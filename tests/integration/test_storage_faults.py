@@ -13,6 +13,9 @@ audit verify`` passes. The figures printed are measured again by
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -127,3 +130,43 @@ def test_serve_that_cannot_open_its_database_says_why_and_exits(
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("meshca: cannot start: cannot open database "), message
     assert why in message
+
+
+_COUNTING_CHILD = """
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from meshca.adapters.metrics import count_into, meshca_metrics
+from meshca.core.audit import AuditRecord, Outcome
+from tests.integration.storage_trials import fill
+
+disk = Path(sys.argv[1])
+(disk / "metrics").mkdir()
+count_into(disk / "metrics")
+metrics = meshca_metrics()
+now = datetime.now(UTC)
+metrics.observe_outcome(AuditRecord(now, Outcome.ISSUED, "meshca.v1.Sign", "ok"), timedelta(0))
+fill(disk / "filler")
+# Refusals of kinds not seen before: each is a new series, written into the count file.
+for i in range(300):
+    record = AuditRecord(now, Outcome.REFUSED, "meshca.v1.Sign", f"reason-{i}")
+    metrics.observe_outcome(record, timedelta(0))
+print("counted", flush=True)
+"""
+
+
+def test_metrics_count_files_survive_a_full_disk(tmp_path: Path) -> None:
+    # prometheus_client maps its count files; a page first written on a full disk used
+    # to kill the process with SIGBUS (a worker gone, serve stopping all the others).
+    with small_tmpfs(tmp_path / "disk", "1m") as disk:
+        child = subprocess.run(
+            [sys.executable, "-c", _COUNTING_CHILD, str(disk)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    assert child.returncode == 0, (child.returncode, child.stderr[-2000:])
+    assert child.stdout.strip() == "counted"
