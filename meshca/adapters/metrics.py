@@ -32,6 +32,7 @@ from prometheus_client import (
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
 
 from meshca.core.audit import AuditRecord, Outcome
@@ -86,6 +87,29 @@ def count_into(directory: Path) -> None:
 
 def _counting_in_files() -> bool:
     return MULTIPROCESS_DIR_ENV in os.environ
+
+
+#: The first size of a count file: room for about 450 series, four times what a meshca
+#: process has (prometheus_client's own first size, 1 MiB, would be allocated in full).
+COUNT_FILE_BYTES = 64 * 1024
+
+
+def _count_file(filename: str, read_mode: bool = False) -> MmapedDict:
+    """prometheus_client's count file, with every block of it allocated first.
+
+    The file is memory-mapped. Left sparse, as prometheus_client makes it, the first write
+    to one of its pages on a full disk kills the process with SIGBUS; allocated when the
+    file is opened, the disk has nothing more to give later, and a disk already full
+    fails the open with an OSError instead. (A file that outgrows ``COUNT_FILE_BYTES`` is
+    grown sparse again by prometheus_client.)
+    """
+    if not read_mode:
+        fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size or COUNT_FILE_BYTES)
+        finally:
+            os.close(fd)
+    return MmapedDict(filename, read_mode)
 
 
 class MeshcaMetrics:
@@ -199,6 +223,9 @@ def meshca_metrics() -> MeshcaMetrics:
     with _metrics_lock:
         if _metrics is None:
             disable_created_metrics()
+            if _counting_in_files():
+                # Read when each process opens its files, which is on its first count.
+                values.MmapedDict = _count_file  # type: ignore[attr-defined,assignment]
             _metrics = MeshcaMetrics()
         return _metrics
 

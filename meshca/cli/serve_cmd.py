@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import fields
 from typing import Any
 
 from meshca.config import Settings, load_settings
+from meshca.core.errors import BackendUnavailable
 
 __all__ = ["add_setting_flags", "register", "settings_from"]
 
@@ -100,7 +102,13 @@ def settings_from(args: argparse.Namespace, base: Settings | None = None) -> Set
 def _run(args: argparse.Namespace) -> int:
     from meshca import app
 
-    return app.serve(settings_from(args))
+    try:
+        return app.serve(settings_from(args))
+    except BackendUnavailable as error:
+        # A database that cannot be opened (down, disk full) is for the operator to fix:
+        # say which and why, without a traceback.
+        print(f"meshca: cannot start: {error.message}", file=sys.stderr)
+        return 1
 
 
 def register(commands: Any) -> None:
