@@ -111,6 +111,7 @@ class Settings:
     audit_retention: timedelta | None = None
     key_encryption_key_file: Path | None = None
     health_listen: str | None = None
+    shutdown_grace: timedelta = timedelta(seconds=10)
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -146,6 +147,8 @@ class Settings:
             raise ConfigError("audit-listen must be HOST:PORT")
         if self.health_listen is not None and ":" not in self.health_listen:
             raise ConfigError("health-listen must be HOST:PORT")
+        if self.shutdown_grace <= timedelta(0):
+            raise ConfigError("shutdown-grace must be a positive duration")
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
 

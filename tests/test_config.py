@@ -115,3 +115,17 @@ def test_tokenreview_takes_in_cluster_defaults_from_the_environment() -> None:
 def test_tokenreview_outside_a_cluster_needs_an_api_server() -> None:
     with pytest.raises(ConfigError, match="k8s-api-server"):
         load_settings({}, environ={}).check_attestation()
+
+
+def test_shutdown_grace() -> None:
+    assert Settings().shutdown_grace == timedelta(seconds=10)
+    assert load_settings({"shutdown_grace": "2.5s"}, environ={}).shutdown_grace == timedelta(
+        seconds=2.5
+    )
+    env = {"MESHCA_SHUTDOWN_GRACE": "30s"}
+    assert load_settings({}, environ=env).shutdown_grace == timedelta(seconds=30)
+    for bad in ("0s", "-3s", "soon"):
+        with pytest.raises(ConfigError, match="shutdown-grace"):
+            load_settings({"shutdown_grace": bad}, environ={})
+    with pytest.raises(ConfigError, match="shutdown-grace must be a positive duration"):
+        Settings(shutdown_grace=timedelta(0))

@@ -69,6 +69,8 @@ HELP = {
     "one); while replacing it, one key per line, the new one first",
     "health_listen": "HOST:PORT serving only gRPC health, in plaintext, for Kubernetes probes "
     "(service '' is liveness, 'meshca.ready' readiness)",
+    "shutdown_grace": "on SIGTERM or SIGINT, how long calls in flight may take to finish "
+    "before the server exits; a second signal cuts it short (default 10s)",
 }
 
 
@@ -95,8 +97,9 @@ def settings_from(args: argparse.Namespace, base: Settings | None = None) -> Set
 
 def _run(args: argparse.Namespace) -> int:
     from meshca import app
+    from meshca.adapters.shutdown import exit_now
 
-    return app.serve(settings_from(args))
+    exit_now(app.serve(settings_from(args)))
 
 
 def register(commands: Any) -> None:
