@@ -384,6 +384,7 @@ class Worker:
         if self.health is not None:
             await self.health.enter_graceful_shutdown()
         self.gate.close()
+        log.info("no new calls taken; %d call(s) in flight", self.gate.in_flight)
         if self.bundle_endpoint is not None:
             await self.bundle_endpoint.stop()
         if not await self.gate.idle(budget.calls):

@@ -177,6 +177,9 @@ async def test_serve_finishes_a_slow_call_in_flight(tmp_path: Path, k8s_api: K8s
             f"{served.log()}"
         )
         assert health == {"": "NOT_SERVING", "meshca.ready": "NOT_SERVING"}, report
+        # The workers' gates held the 8 calls (in their handlers) when the drain began.
+        counted = re.findall(r"(\d+) call\(s\) in flight", "".join(served.output))
+        assert len(counted) == 2 and sum(map(int, counted)) == 8, report
         assert late == UNAVAILABLE, report
         assert all(re.fullmatch(r"[0-9a-f]+", r) for r in results), report
         assert set(results) <= issued_serials(data_dir), report
