@@ -769,19 +769,21 @@ async def run_worker(
 async def serve_until_stopped(worker: Worker, grace: timedelta, *, supervised: bool) -> None:
     """Wait for SIGTERM or SIGINT, then drain ``worker`` within ``grace``.
 
-    Unsupervised (``dev serve``), a second signal aborts the calls in flight, and a
-    watchdog ends the process if it is still alive when the grace is over.
+    Unsupervised (``dev serve``), a watchdog ends the process if it is still alive when
+    the grace is over; a second signal aborts the calls in flight and leaves only the
+    cleanup's share of the grace.
     """
     seconds = grace.total_seconds()
     signals = StopSignals(Shutdown(seconds, repeat_cuts_short=not supervised))
     await signals.draining.wait()
     started = asyncio.get_running_loop().time()
     if not supervised:
-        start_watchdog(seconds, "meshca")
+        start_watchdog(seconds, "the stop signal")
     draining = asyncio.create_task(worker.stop(seconds))
     hurry = asyncio.create_task(signals.cut_short.wait())
     await asyncio.wait((draining, hurry), return_when=asyncio.FIRST_COMPLETED)
     if not draining.done():
+        start_watchdog(DrainBudget(seconds).cleanup, "the drain was cut short")
         await worker.cut_short()
     hurry.cancel()
     await draining

@@ -65,8 +65,9 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def start_watchdog(seconds: float, what: str) -> threading.Timer:
-    """End this process (exit status 1) if it is still running ``seconds`` from now.
+def start_watchdog(seconds: float, since: str) -> threading.Timer:
+    """End this process (exit status 1) if it is still running ``seconds`` from now
+    (``since`` names the moment, for the log).
 
     The last resort when a drain overstays: a thread stuck in a backend call (which the
     interpreter would wait for at exit) must not keep the process past its grace. No
@@ -74,7 +75,7 @@ def start_watchdog(seconds: float, what: str) -> threading.Timer:
     """
 
     def expire() -> None:
-        log.error("%s still running %gs after the stop signal: exiting now", what, seconds)
+        log.error("still running %gs after %s: exiting now", seconds, since)
         exit_now(1)
 
     timer = threading.Timer(seconds, expire)

@@ -243,3 +243,31 @@ async def test_dev_serve_aborts_calls_past_the_grace(
         assert exit_code == 1 and "exiting now" in served.log(), report
     finally:
         end_served(served)
+
+
+async def test_dev_serve_second_sigterm_cuts_the_drain_short(
+    tmp_path: Path, k8s_api: K8sApiStandIn
+) -> None:
+    """With a 10 s grace and a review that never answers in time, a second SIGTERM ends
+    the calls (UNAVAILABLE) and the process at once."""
+    api = _now(k8s_api)
+    data_dir = tmp_path / "dev"
+    command = dev_command(data_dir, 10.0, *_tokenreview_flags(api))
+    served = start_served(command, data_dir, DEV_PORT, "serving on", 1)
+    try:
+        api.delay = 30.0
+        calls = await _slow_calls(served.target, api, 4)
+        served.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        again = time.monotonic()
+        served.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(served.process.wait, 30)
+        gone = time.monotonic() - again
+        results = await asyncio.gather(*calls)
+        report = f"{results} exit={exit_code} gone={gone:.2f}s\n{served.log()}"
+        assert results == [UNAVAILABLE] * 4, report
+        # The cleanup's share of the grace (1 s), then the watchdog: not the 10 s grace.
+        assert gone < 1.0 + EXIT_MARGIN, report
+        assert "SIGTERM again: cutting the drain short" in served.log(), report
+    finally:
+        end_served(served)
