@@ -14,11 +14,10 @@ import hashlib
 import logging
 import random
 import shutil
-import signal
 import socket
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from ipaddress import ip_address
 from pathlib import Path
@@ -36,6 +35,7 @@ from meshca.adapters.bundle_endpoint import BundleEndpoint
 from meshca.adapters.clock import SystemClock
 from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
+from meshca.adapters.grpc.gate import CallGate
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
     POLICY_SERVICE_NAMES,
@@ -69,6 +69,7 @@ from meshca.adapters.metrics import (
     start_metrics_server,
 )
 from meshca.adapters.policy_files import DirectoryPolicySource
+from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.decision_log import SqlDecisionLog
@@ -92,6 +93,7 @@ from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
 from meshca.core.readiness import Readiness
+from meshca.core.shutdown import DrainBudget, Shutdown
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 from meshca.service.attestation_cache import CachingAttestor
@@ -391,23 +393,64 @@ class Worker:
     health_server: grpc.aio.Server | None = None
     health_port: int | None = None
     metrics_server: MetricsServer | None = None
+    health: grpc_health.aio.HealthServicer | None = None
+    gate: CallGate = field(default_factory=CallGate)
 
     async def stop(self, grace: float = 5.0) -> None:
-        self.stopping.set()
-        if self.metrics_server is not None:
-            await asyncio.to_thread(self.metrics_server.stop)
+        """Drain within ``grace`` seconds: health first, then calls, then the rest.
+
+        Every health name turns NOT_SERVING (load balancers stop sending) and the call
+        gate closes: new calls get UNAVAILABLE, streams end, and the calls in flight
+        have ``DrainBudget.calls`` seconds to finish, their records committed. Then the
+        server stops, aborting any call still running (clients see UNAVAILABLE).
+        Background tasks and the record writer's connection get the rest of the grace.
+        """
+        budget = DrainBudget(grace)
+        if self.health is not None:
+            await self.health.enter_graceful_shutdown()
+        self.gate.close()
+        log.info("no new calls taken; %d call(s) in flight", self.gate.in_flight)
         if self.bundle_endpoint is not None:
             await self.bundle_endpoint.stop()
-        await self.server.stop(grace)
+        if not await self.gate.idle(budget.calls):
+            log.warning(
+                "%d call(s) still running after %.3gs: aborting them",
+                self.gate.in_flight,
+                budget.calls,
+            )
+        await self.server.stop(0)
+        loop = asyncio.get_running_loop()
+        cleanup_until = loop.time() + budget.cleanup
+        self.stopping.set()
         if self.health_server is not None:
-            await self.health_server.stop(grace)
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+            await self.health_server.stop(0)
+        late: set[asyncio.Task[None]] = set()
+        if self.tasks:
+            _, late = await asyncio.wait(self.tasks, timeout=cleanup_until - loop.time())
+        for task in late:
+            log.warning("a background task did not stop within the grace: %s", task.get_name())
+            task.cancel()
         self.leader.release()
-        self.executor.shutdown(wait=True)
+        # A thread stuck in a backend call must not hold the drain; nothing is queued
+        # for it once the calls have ended.
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        try:
+            await asyncio.wait_for(self._close_records(), max(0.0, cleanup_until - loop.time()))
+        except TimeoutError:
+            log.error("the record writer did not confirm within the grace; closing anyway")
+        if self.metrics_server is not None:
+            # Scraped until here: the drain is worth watching.
+            await asyncio.to_thread(self.metrics_server.stop)
+        self.engine.dispose()
+
+    async def _close_records(self) -> None:
         await self.audit.aclose()
         if self.decisions is not None:
             await self.decisions.aclose()
-        self.engine.dispose()
+
+    async def cut_short(self) -> None:
+        """Abort the calls still in flight now (a repeated stop signal)."""
+        await self.server.stop(None)
 
 
 class ServingCertificate:
@@ -629,6 +672,7 @@ async def start_worker(
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
     leader = leader_lock(settings, engine)
+    gate = CallGate()
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
     server, port, health = build_server(
         ca=ca,
@@ -639,6 +683,7 @@ async def start_worker(
         authz=authz,
         record_counters=record_counters,
         audit=audit_servicer,
+        gate=gate,
     )
     audit_port = None
     if settings.audit_listen and serving is not None and tls is not None:
@@ -748,6 +793,8 @@ async def start_worker(
         health_server=health_server,
         health_port=health_port,
         metrics_server=metrics_server,
+        health=health,
+        gate=gate,
     )
 
 
@@ -767,7 +814,11 @@ def read_database_state(engine: Engine) -> DatabaseState:
 async def run_worker(
     settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then drain in-flight requests."""
+    """Serve until SIGINT or SIGTERM, then drain within ``--shutdown-grace``.
+
+    A worker of ``serve`` ignores repeated signals: its supervisor forwards each stop
+    and bounds the drain, killing a worker still alive at the grace's end.
+    """
     worker = await start_worker(settings, listen, record_writer)
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
@@ -778,12 +829,31 @@ async def run_worker(
     if worker.metrics_server is not None:
         metrics_host = (settings.metrics_listen or "").rpartition(":")[0]
         log.info("metrics on http://%s:%d/metrics", metrics_host, worker.metrics_server.port)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await worker.stop()
+    await serve_until_stopped(worker, settings.shutdown_grace, supervised=True)
+
+
+async def serve_until_stopped(worker: Worker, grace: timedelta, *, supervised: bool) -> None:
+    """Wait for SIGTERM or SIGINT, then drain ``worker`` within ``grace``.
+
+    Unsupervised (``dev serve``), a watchdog ends the process if it is still alive when
+    the grace is over; a second signal aborts the calls in flight and leaves only the
+    cleanup's share of the grace.
+    """
+    seconds = grace.total_seconds()
+    signals = StopSignals(Shutdown(seconds, repeat_cuts_short=not supervised))
+    await signals.draining.wait()
+    started = asyncio.get_running_loop().time()
+    if not supervised:
+        start_watchdog(seconds, "the stop signal")
+    draining = asyncio.create_task(worker.stop(seconds))
+    hurry = asyncio.create_task(signals.cut_short.wait())
+    await asyncio.wait((draining, hurry), return_when=asyncio.FIRST_COMPLETED)
+    if not draining.done():
+        start_watchdog(DrainBudget(seconds).cleanup, "the drain was cut short")
+        await worker.cut_short()
+    hurry.cancel()
+    await draining
+    log.info("drained in %.2fs", asyncio.get_running_loop().time() - started)
 
 
 def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
@@ -794,7 +864,8 @@ def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) 
     except Exception:
         # Logged, not left to multiprocessing: its traceback would bypass --log-format.
         log.exception("worker failed")
-        raise SystemExit(1) from None
+        exit_now(1)
+    exit_now(0)
 
 
 def _host_writer(settings: Settings, connections: Sequence[socket.socket]) -> HostRecordWriter:
@@ -821,6 +892,7 @@ def serve(settings: Settings) -> int:
             settings.listen,
             target=functools.partial(_worker_main, settings),
             writer=functools.partial(_host_writer, settings),
+            grace=settings.shutdown_grace.total_seconds(),
         )
         return pool.run()
 

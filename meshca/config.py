@@ -113,6 +113,7 @@ class Settings:
     key_encryption_key_file: Path | None = None
     health_listen: str | None = None
     metrics_listen: str | None = None
+    shutdown_grace: timedelta = timedelta(seconds=10)
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -152,6 +153,8 @@ class Settings:
             raise ConfigError("health-listen must be HOST:PORT")
         if self.metrics_listen is not None and ":" not in self.metrics_listen:
             raise ConfigError("metrics-listen must be HOST:PORT")
+        if self.shutdown_grace <= timedelta(0):
+            raise ConfigError("shutdown-grace must be a positive duration")
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
 

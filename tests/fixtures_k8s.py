@@ -19,7 +19,8 @@ Fixtures:
     It has ``.url`` (== ``.issuer``), ``.audiences``, ``.minter`` (a ``TokenMinter``),
     ``.clock`` (a ``FixedClock`` it judges time by), ``.caller_token_file``, counters
     (``jwks_fetches``, ``discovery_fetches``, ``reviews``, ``review_requests``,
-    ``failed_requests``), and the
+    ``failed_requests``, ``review_arrivals``: POSTs received, counted before ``delay``),
+    and the
     levers ``publish()``, ``include_alg``, ``fail_status``, ``delay``,
     ``discovery_issuer``, ``omit_audiences``, ``deleted_pods``, ``api_audiences`` and
     ``stop()``. A stopped stand-in stays stopped: to bring the API server back at the
@@ -412,6 +413,7 @@ class K8sApiStandIn:
         self.discovery_fetches = 0
         self.reviews = 0
         self.failed_requests = 0
+        self.review_arrivals = 0
         self.review_requests: list[dict[str, Any]] = []
         self.ca_file: str | None = str(tls.ca_file) if tls else None
         self._lock = threading.Lock()
@@ -648,6 +650,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         api = self.server.api
+        api._count("review_arrivals")
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
         if self._interfered():

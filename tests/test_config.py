@@ -127,3 +127,17 @@ def test_log_format_from_flag_env_or_file(tmp_path: Path) -> None:
     assert Settings().log_format == "text"
     with pytest.raises(ConfigError, match="log-format must be text or json, not 'xml'"):
         load_settings({"log_format": "xml"}, environ={})
+
+
+def test_shutdown_grace() -> None:
+    assert Settings().shutdown_grace == timedelta(seconds=10)
+    assert load_settings({"shutdown_grace": "2.5s"}, environ={}).shutdown_grace == timedelta(
+        seconds=2.5
+    )
+    env = {"MESHCA_SHUTDOWN_GRACE": "30s"}
+    assert load_settings({}, environ=env).shutdown_grace == timedelta(seconds=30)
+    for bad in ("0s", "-3s", "soon"):
+        with pytest.raises(ConfigError, match="shutdown-grace"):
+            load_settings({"shutdown_grace": bad}, environ={})
+    with pytest.raises(ConfigError, match="shutdown-grace must be a positive duration"):
+        Settings(shutdown_grace=timedelta(0))

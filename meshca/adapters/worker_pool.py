@@ -14,25 +14,34 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from meshca.adapters.storage.host_writer import HostRecordWriter
+from meshca.core.shutdown import Shutdown, SignalAction
 
 __all__ = ["WorkerPool"]
 
 log = logging.getLogger("meshca")
+
+#: Seconds the record writer gets, after the last worker exited, to commit what they sent.
+WRITER_MARGIN = 1.0
 
 
 class WorkerPool:
     """``count`` processes running ``target(listen, record_socket)``, then the writer.
 
     ``run`` returns an exit code: 0 when every worker stopped on SIGTERM or SIGINT (sent
-    to the supervisor, which passes it on), 1 when one failed or the record writer
-    stopped under them. The record writer keeps serving until every worker has exited,
-    so their last records are committed.
+    to the supervisor, which passes it on) within ``grace`` seconds, 1 when one failed,
+    the record writer stopped under them, or a worker had to be killed. The record
+    writer keeps serving until every worker has exited, so their last records are
+    committed. A worker still alive ``grace`` seconds after the stop began is killed
+    (SIGKILL), as is every worker at a second SIGTERM or SIGINT; the supervisor then
+    exits within ``WRITER_MARGIN`` more seconds.
     """
 
     def __init__(
@@ -41,6 +50,7 @@ class WorkerPool:
         listen: str,
         target: Callable[[str, socket.socket], None],
         writer: Callable[[Sequence[socket.socket]], HostRecordWriter],
+        grace: float = 10.0,
     ) -> None:
         if count < 1:
             raise ValueError(f"at least one worker is needed, not {count}")
@@ -48,6 +58,7 @@ class WorkerPool:
         self._listen = listen
         self._target = target
         self._make_writer = writer
+        self._shutdown = Shutdown(grace, repeat_cuts_short=True)
 
     def run(self) -> int:
         listen, placeholder = _reserve_port(self._listen)
@@ -65,6 +76,7 @@ class WorkerPool:
             context.Process(target=self._target, args=(listen, theirs), name=f"worker-{i}")
             for i, (_, theirs) in enumerate(pairs)
         ]
+        signals = _SignalQueue()
         try:
             for process in workers:
                 process.start()
@@ -72,42 +84,142 @@ class WorkerPool:
                 # The child holds its own copy now: when it exits, the writer sees EOF.
                 theirs.close()
             log.info("started %d workers on %s", len(workers), listen)
-            return self._supervise(workers, writer_gone)
+            return self._supervise(workers, writer_gone, signals)
         finally:
-            _stop(workers)
-            for process in workers:
-                if process.pid is not None:
-                    process.join()
+            self._begin_stop(workers)
+            self._await_exit(workers, signals)
             writer.stop()
-            writing.join()
+            # A writer stuck on the database holds no certificate back: the workers that
+            # waited for it are gone, and their calls failed.
+            writing.join(WRITER_MARGIN)
+            if writing.is_alive():
+                log.error(
+                    "the issuance-record writer did not finish within %gs; exiting", WRITER_MARGIN
+                )
             writer_gone.close()
+            signals.close()
             if placeholder is not None:
                 placeholder.close()
 
     def _supervise(
-        self, workers: Sequence[multiprocessing.process.BaseProcess], writer_gone: socket.socket
+        self,
+        workers: Sequence[multiprocessing.process.BaseProcess],
+        writer_gone: socket.socket,
+        signals: _SignalQueue,
     ) -> int:
-        previous = {
-            sig: signal.signal(sig, lambda *_: _stop(workers))
-            for sig in (signal.SIGTERM, signal.SIGINT)
-        }
-        try:
-            # If one worker dies, or the writer under them, stop the rest: a supervisor
-            # above restarts us whole.
-            ready = multiprocessing.connection.wait([writer_gone, *(p.sentinel for p in workers)])
-            _stop(workers)
-            exit_code = 0
+        # If one worker dies, or the writer under them, stop the rest: a supervisor above
+        # restarts us whole.
+        failed = False
+        while self._shutdown.started is None:
+            ready = multiprocessing.connection.wait(
+                [writer_gone, signals.readable, *(p.sentinel for p in workers)]
+            )
+            if signals.readable in ready:
+                for sig in signals.take():
+                    self._on_signal(sig, workers)
             if writer_gone in ready:
                 log.error("the issuance-record writer stopped; stopping the workers")
-                exit_code = 1
-            for process in workers:
+                failed = True
+                break
+            exited = [p for p in workers if not p.is_alive()]
+            if exited and self._shutdown.started is None:
+                # Its exit code says whether it failed.
+                log.warning(
+                    "%s exited (%s); stopping the others", exited[0].name, exited[0].exitcode
+                )
+                break
+        self._begin_stop(workers)
+        killed = self._await_exit(workers, signals)
+        for process in workers:
+            if process.exitcode not in (0, -signal.SIGTERM):
+                failed = True
+        return 1 if failed or killed else 0
+
+    def _on_signal(
+        self, sig: signal.Signals, workers: Sequence[multiprocessing.process.BaseProcess]
+    ) -> None:
+        match self._shutdown.signal(time.monotonic()):
+            case SignalAction.DRAIN:
+                log.info(
+                    "%s: stopping the workers; calls in flight have up to %gs",
+                    sig.name,
+                    self._shutdown.grace,
+                )
+                _signal_all(workers, signal.SIGTERM)
+            case SignalAction.CUT_SHORT:
+                log.warning("%s again: killing the workers now", sig.name)
+                _signal_all(workers, signal.SIGKILL)
+            case SignalAction.IGNORE:
+                pass
+
+    def _begin_stop(self, workers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+        """SIGTERM every worker, once; the grace starts now unless a signal started it."""
+        if self._shutdown.started is None:
+            self._shutdown.signal(time.monotonic())
+            _signal_all(workers, signal.SIGTERM)
+
+    def _await_exit(
+        self, workers: Sequence[multiprocessing.process.BaseProcess], signals: _SignalQueue
+    ) -> bool:
+        """Wait for every worker until the grace is over, then kill the rest.
+
+        Returns whether any had to be killed. A second stop signal kills them at once.
+        """
+        while True:
+            alive = [p for p in workers if p.is_alive()]
+            left = self._shutdown.remaining(time.monotonic()) or 0.0
+            if not alive or left <= 0:
+                break
+            ready = multiprocessing.connection.wait(
+                [signals.readable, *(p.sentinel for p in alive)], left
+            )
+            if signals.readable in ready:
+                for sig in signals.take():
+                    self._on_signal(sig, workers)
+        alive = [p for p in workers if p.is_alive()]
+        if alive and not self._shutdown.cut_short:
+            log.error(
+                "%d worker(s) still running %gs after the stop began: killing them "
+                "(their calls in flight fail; no certificate left without its record)",
+                len(alive),
+                self._shutdown.grace,
+            )
+        _signal_all(alive, signal.SIGKILL)
+        for process in workers:
+            if process.pid is not None:
                 process.join()
-                if process.exitcode not in (0, -signal.SIGTERM):
-                    exit_code = 1
-            return exit_code
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return bool(alive)
+
+
+class _SignalQueue:
+    """SIGTERM and SIGINT as bytes on a socket, for ``multiprocessing.connection.wait``.
+
+    The handler only records the signal; the supervisor acts on it in its own loop.
+    """
+
+    def __init__(self) -> None:
+        self.readable, self._writable = socket.socketpair()
+        self.readable.setblocking(False)
+        self._writable.setblocking(False)
+        self._previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):
+            self._writable.send(bytes([signum]))
+
+    def take(self) -> list[signal.Signals]:
+        received = b""
+        with contextlib.suppress(BlockingIOError):
+            received = self.readable.recv(64)
+        return [signal.Signals(b) for b in received]
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self.readable.close()
+        self._writable.close()
 
 
 def _run_then_close(run: Callable[[], None], done: socket.socket) -> None:
@@ -119,11 +231,11 @@ def _run_then_close(run: Callable[[], None], done: socket.socket) -> None:
         done.close()
 
 
-def _stop(workers: Sequence[multiprocessing.process.BaseProcess]) -> None:
+def _signal_all(workers: Sequence[multiprocessing.process.BaseProcess], sig: int) -> None:
     for process in workers:
         if process.is_alive() and process.pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+                os.kill(process.pid, sig)
 
 
 def _reserve_port(listen: str) -> tuple[str, socket.socket | None]:

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -147,16 +146,12 @@ async def _serve_with_demo(settings: Settings, demo: bool) -> None:
         "Stop with Ctrl-C.",
         flush=True,
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    await worker.stop()
+    await app.serve_until_stopped(worker, settings.shutdown_grace, supervised=False)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from meshca import app
+    from meshca.adapters.shutdown import exit_now
 
     settings = dev_settings(args)
     _issuer(settings.data_dir).ensure()
@@ -165,7 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
     app.prepare(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_with_demo(settings, args.demo))
-    return 0
+    exit_now(0)
 
 
 def _token(args: argparse.Namespace) -> int:

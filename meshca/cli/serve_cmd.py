@@ -75,6 +75,8 @@ HELP = {
     "(service '' is liveness, 'meshca.ready' readiness)",
     "metrics_listen": "HOST:PORT serving Prometheus metrics at /metrics, in plaintext "
     "(every worker process summed)",
+    "shutdown_grace": "on SIGTERM or SIGINT, how long calls in flight may take to finish "
+    "before the server exits; a second signal cuts it short (default 10s)",
 }
 
 
@@ -101,14 +103,16 @@ def settings_from(args: argparse.Namespace, base: Settings | None = None) -> Set
 
 def _run(args: argparse.Namespace) -> int:
     from meshca import app
+    from meshca.adapters.shutdown import exit_now
 
     try:
-        return app.serve(settings_from(args))
+        code = app.serve(settings_from(args))
     except BackendUnavailable as error:
         # A database that cannot be opened (down, disk full) is for the operator to fix:
         # say which and why, without a traceback.
         print(f"meshca: cannot start: {error.message}", file=sys.stderr)
         return 1
+    exit_now(code)
 
 
 def register(commands: Any) -> None:

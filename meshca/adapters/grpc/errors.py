@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from meshca.adapters.grpc.gate import DRAINING, CallGate
 from meshca.core import errors
 
 __all__ = ["error_mapped", "status_for"]
@@ -46,38 +47,54 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
 
 
 def _wrap_unary(
-    behavior: Callable[[Any, Any], Awaitable[Any]],
+    behavior: Callable[[Any, Any], Awaitable[Any]], gate: CallGate | None
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if gate is not None and not gate.admit():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         try:
             return await behavior(request, context)
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
             await _abort(context, error)
+        finally:
+            if gate is not None:
+                gate.release()
 
     return wrapped
 
 
 def _wrap_stream(
-    behavior: Callable[[Any, Any], AsyncIterator[Any]],
+    behavior: Callable[[Any, Any], AsyncIterator[Any]], gate: CallGate | None
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
+        if gate is not None and not gate.admit_stream():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         try:
-            async for item in behavior(request, context):
+            items = behavior(request, context)
+            if gate is not None:
+                items = gate.until_closed(items)
+            async for item in items:
                 yield item
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
             await _abort(context, error)
+        if gate is not None and gate.closed:
+            # Ended by the drain, not by its own end: the client should reconnect.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
 
     return wrapped
 
 
-def error_mapped(servicer: object) -> Any:
+def error_mapped(servicer: object, gate: CallGate | None = None) -> Any:
     """An object with ``servicer``'s RPC methods, each turning a raised error into its status.
+
+    With ``gate``, each method also comes through it: refused with UNAVAILABLE once it
+    is closed, and counted (unary) or ended at the close (streams).
 
     Pass it to the generated ``add_..._to_server``, which only looks the methods up. The
     wrapping happens once, at registration: an interceptor would wrap the handler again
@@ -91,8 +108,8 @@ def error_mapped(servicer: object) -> Any:
             continue
         method = getattr(servicer, name)
         if inspect.isasyncgenfunction(method):
-            method = _wrap_stream(method)
+            method = _wrap_stream(method, gate)
         elif inspect.iscoroutinefunction(method):
-            method = _wrap_unary(method)
+            method = _wrap_unary(method, gate)
         setattr(mapped, name, method)
     return mapped

@@ -24,6 +24,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from meshca.adapters.grpc.errors import error_mapped
+from meshca.adapters.grpc.gate import CallGate
 from meshca.core.policy import AuthzRequest, Decision
 from meshca.service.authz import AuthorizationService
 
@@ -144,7 +145,7 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
         return to_check_response(decision)
 
 
-def add_to_server(authz: AuthorizationService, server: Any) -> None:
+def add_to_server(authz: AuthorizationService, server: Any, gate: CallGate | None = None) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        error_mapped(ExtAuthzServicer(authz)), server
+        error_mapped(ExtAuthzServicer(authz), gate), server
     )

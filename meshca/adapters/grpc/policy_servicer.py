@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from meshca.adapters.grpc._gen.meshca.v1 import policy_pb2, policy_pb2_grpc
 from meshca.adapters.grpc.errors import error_mapped
+from meshca.adapters.grpc.gate import CallGate
 from meshca.core.policy import AuthzRequest, Decision, PolicyRef
 from meshca.service.authz import AuthorizationService
 
@@ -118,7 +119,8 @@ def add_to_server(
     authz: AuthorizationService,
     server: Any,
     record_counters: Callable[[], tuple[int, int]] | None = None,
+    gate: CallGate | None = None,
 ) -> None:
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-        error_mapped(PolicyServicer(authz, record_counters)), server
+        error_mapped(PolicyServicer(authz, record_counters), gate), server
     )

@@ -21,6 +21,7 @@ from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from meshca.adapters.grpc.ca_servicer import CertificateServicer, IstioCertificateServicer
 from meshca.adapters.grpc.errors import error_mapped
+from meshca.adapters.grpc.gate import CallGate
 from meshca.service.authz import AuthorizationService
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService
@@ -94,13 +95,15 @@ def build_server(
     authz: AuthorizationService | None = None,
     record_counters: Callable[[], tuple[int, int]] | None = None,
     audit: audit_pb2_grpc.AuditServiceServicer | None = None,
+    gate: CallGate | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the server; returns it, the bound port and the health servicer.
 
     ``tls_updates`` is asked at each new TLS handshake for a renewed certificate (None:
     keep the current one). It must be quick: it runs on gRPC's own threads. With
     ``authz``, Envoy's ext_authz and ``meshca.v1.PolicyService`` are served too
-    (``record_counters``: the decision log's failed and dropped counts).
+    (``record_counters``: the decision log's failed and dropped counts). Every
+    service but health comes through ``gate`` (see ``gate.CallGate``).
     """
     server = grpc.aio.server(
         options=[
@@ -116,16 +119,16 @@ def build_server(
     )
     # Every servicer of ours reports errors through the one table in errors.py.
     ca_pb2_grpc.add_CertificateServiceServicer_to_server(
-        error_mapped(CertificateServicer(ca, bundle)), server
+        error_mapped(CertificateServicer(ca, bundle), gate), server
     )
     istio_grpc.add_IstioCertificateServiceServicer_to_server(
-        error_mapped(IstioCertificateServicer(ca)), server
+        error_mapped(IstioCertificateServicer(ca), gate), server
     )
     if authz is not None:
-        ext_authz.add_to_server(authz, server)
-        policy_servicer.add_to_server(authz, server, record_counters)
+        ext_authz.add_to_server(authz, server, gate)
+        policy_servicer.add_to_server(authz, server, record_counters, gate)
     if audit is not None:
-        audit_pb2_grpc.add_AuditServiceServicer_to_server(error_mapped(audit), server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(error_mapped(audit, gate), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
