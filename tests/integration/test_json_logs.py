@@ -272,6 +272,7 @@ def test_json_lines_carry_each_request_and_no_secret(served: Served) -> None:
             ("token-bad-signature", ISTIO, None),
             ("token-too-large", MESHCA, None),
             ("token-missing", MESHCA, None),
+            ("token-malformed", MESHCA, None),
         ]
     )
     assert all(line["level"] == "warning" and line["serial"] is None for line in events[2:])
