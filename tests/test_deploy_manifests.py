@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from meshca.cli import build_parser
-from meshca.config import load_settings
+from meshca.config import load_settings, parse_duration
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 NAMESPACE = "meshca"
@@ -191,6 +191,13 @@ def test_prometheus_scrapes_the_metrics_port_the_config_names() -> None:
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(metrics_port)
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_the_kubelet_waits_out_meshcas_drain() -> None:
+    grace = parse_duration(_config()["shutdown-grace"]).total_seconds()
+    pod = _deployment()["spec"]["template"]["spec"]
+    # The supervisor is gone within the grace plus 1 s; the kubelet must not kill earlier.
+    assert pod["terminationGracePeriodSeconds"] >= grace + 2
 
 
 def test_database_url_comes_from_a_secret_and_never_from_the_config() -> None:
