@@ -705,7 +705,8 @@ async def start_worker(
 async def run_worker(
     settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then drain in-flight requests."""
+    """Serve until SIGINT or SIGTERM, or until the record writer (``serve``'s supervisor)
+    is gone, then drain in-flight requests."""
     worker = await start_worker(settings, listen, record_writer)
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
@@ -717,7 +718,17 @@ async def run_worker(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
+    signalled = asyncio.ensure_future(stopping.wait())
+    waits: list[asyncio.Future[Any]] = [signalled]
+    if isinstance(worker.audit, RecordWriterClient):
+        # The writer runs in the supervisor: if it is gone (the supervisor was killed),
+        # this worker can issue nothing, and must not keep the port from a new one.
+        waits.append(asyncio.ensure_future(worker.audit.writer_gone()))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not signalled.done():
+        log.error("%s; this worker stops", waits[1].result())
+    for waiting in waits:
+        waiting.cancel()
     await worker.stop()
 
 
