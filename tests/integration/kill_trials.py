@@ -6,13 +6,13 @@ two worker processes on one fixed port, and its supervisor writing the issuance 
 64 proxies, each with its own channel (its own TCP connection) and its own service-account
 token, loop on ``Sign`` and Istio's ``CreateCertificate`` in turn, all in one event loop.
 
-One trial: a random moment after the server serves, SIGKILL either one worker (the
-supervisor then stops the other and exits 1) or the supervisor's whole process group.
-Once every process is gone, and before anything writes again, the data directory must
-hold an ISSUED record with the same serial and fingerprint for every certificate any
-proxy received so far; ``meshca audit verify --data-dir`` must pass; the leaf indexes
-must be 0..n-1 with no gap or duplicate. Then the server restarts on the same directory
-and port and the proxies go on. Records of certificates no proxy received (their
+One trial: a random moment after the server serves, SIGKILL one worker, the supervisor's
+whole process group, or the supervisor alone (``KILL_KINDS``). Every process of the tree
+must be gone within ``DEATH_LIMIT``. Once it is, and before anything writes again, the
+data directory must hold an ISSUED record with the same serial and fingerprint for every
+certificate any proxy received so far; ``meshca audit verify --data-dir`` must pass; the
+leaf indexes must be 0..n-1 with no gap or duplicate. Then the server restarts on the
+same directory and port and the proxies go on. Records of certificates no proxy received (their
 responses died with the server) are expected.
 """
 
@@ -50,8 +50,11 @@ __all__ = ["KILL_KINDS", "KillTrials", "TrialResult"]
 
 PROXIES = 64
 WORKERS = 2
-#: "worker": SIGKILL one worker process; "server": SIGKILL the supervisor's process group.
-KILL_KINDS = ("worker", "server")
+#: "worker": SIGKILL one worker process (the supervisor then stops the rest and exits 1);
+#: "server": SIGKILL the supervisor's whole process group, as a host or container dies;
+#: "supervisor": SIGKILL the supervisor alone (the OOM killer's pick): its workers, left
+#: without their record writer, must stop by themselves.
+KILL_KINDS = ("worker", "server", "supervisor")
 #: The kill lands uniformly this many seconds after the (re)started server serves.
 KILL_WINDOW = (0.05, 0.6)
 #: A restart that does not serve within this long is a failed trial.
@@ -90,6 +93,8 @@ class TrialResult:
     #: Seconds from the restart's exec to every worker serving; None if it failed.
     restart_seconds: float | None
     errors: dict[str, int] = field(default_factory=dict)
+    #: Processes of the tree still running ``DEATH_LIMIT`` after the kill (then killed).
+    outlived: bool = False
     #: Seconds from the kill until every process was gone, and for the checks.
     death_seconds: float = 0.0
     check_seconds: float = 0.0
@@ -107,6 +112,7 @@ class TrialResult:
             and self.restart_seconds is not None
             and self.exit_code == _EXPECTED_EXIT[self.kind]
             and not self.unexpected_errors
+            and not self.outlived
         )
 
     def describe(self) -> str:
@@ -118,6 +124,7 @@ class TrialResult:
                 * bool(self.verify_code)
             ),
             *(["the restart did not serve"] if self.restart_seconds is None else []),
+            *([f"processes of the tree outlived the kill by {DEATH_LIMIT}s"] * self.outlived),
             *(
                 [f"the supervisor exited {self.exit_code}, not {_EXPECTED_EXIT[self.kind]}"]
                 if self.exit_code != _EXPECTED_EXIT[self.kind]
@@ -136,7 +143,12 @@ class TrialResult:
 
 
 #: The supervisor's exit: 1 when it stopped its workers because one died.
-_EXPECTED_EXIT = {"worker": 1, "server": -signal.SIGKILL, "sigterm": 0}
+_EXPECTED_EXIT = {
+    "worker": 1,
+    "server": -signal.SIGKILL,
+    "supervisor": -signal.SIGKILL,
+    "sigterm": 0,
+}
 
 
 @dataclass
@@ -292,12 +304,14 @@ class KillTrials:
             workers = server.worker_pids()
             assert len(workers) == WORKERS, (workers, server.log())
             os.kill(workers[int(victim_pick * len(workers))], signal.SIGKILL)
-        else:
+        elif kind == "server":
             os.killpg(server.process.pid, signal.SIGKILL)
+        else:
+            os.kill(server.process.pid, signal.SIGKILL)
         # No new calls; those in flight finish (a worker kill's survivor drains them).
         self.load.gate.clear()
         killed = time.monotonic()
-        exit_code = await asyncio.to_thread(self._await_death, server)
+        exit_code, outlived = await asyncio.to_thread(self._await_death, server)
         dead = time.monotonic()
         # Nothing writes now: the records are what the crash left.
         received = dict(self.load.received)
@@ -321,21 +335,24 @@ class KillTrials:
             verify_output=verify_output,
             restart_seconds=restart,
             errors=dict(errors),
+            outlived=outlived,
             death_seconds=dead - killed,
             check_seconds=checked - dead,
         )
 
-    def _await_death(self, server: ServeProcess) -> int | None:
-        try:
-            code = server.process.wait(DEATH_LIMIT)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            return None
+    def _await_death(self, server: ServeProcess) -> tuple[int | None, bool]:
+        """The supervisor's exit code, and whether any process of its tree outlived
+        ``DEATH_LIMIT`` (then it is killed, so that the next start is not disturbed)."""
         deadline = time.monotonic() + DEATH_LIMIT
+        try:
+            code: int | None = server.process.wait(DEATH_LIMIT)
+        except subprocess.TimeoutExpired:
+            code = None
         while group_alive(server.process.pid) and time.monotonic() < deadline:
             time.sleep(0.01)
-        server.kill()  # anything left of the group; closes its output
-        return code
+        outlived = group_alive(server.process.pid)
+        server.kill()  # whatever is left; reaps the supervisor and closes its output
+        return code, outlived
 
     def _check(self, received: dict[str, str]) -> tuple[LogCheck, tuple[int, str]]:
         engine = make_engine(self._url)
@@ -350,8 +367,10 @@ class KillTrials:
         assert self.load is not None and self.server is not None
         self.load.gate.clear()
         code = await asyncio.to_thread(self.server.stop, DEATH_LIMIT)
-        await self.load.close()
-        received = dict(self.load.received)
+        self.server = None
+        load, self.load = self.load, None
+        await load.close()
+        received = dict(load.received)
         check, (verify_code, verify_output) = await asyncio.to_thread(self._check, received)
         return TrialResult(
             index=self.trials + 1,
@@ -361,7 +380,7 @@ class KillTrials:
             received=0,
             checked=len(received),
             records=check.records,
-            missing=check.missing,
+            missing=check.missing + [f"{s} (received twice)" for s in load.repeated],
             index_problems=check.index_problems,
             verify_code=verify_code,
             verify_output=verify_output,
@@ -369,8 +388,10 @@ class KillTrials:
         )
 
     async def abort(self) -> None:
-        """Kill whatever is running and close the proxies (teardown after a failure)."""
+        """Kill whatever still runs and close the proxies (teardown, whatever happened)."""
         if self.server is not None:
             self.server.kill()
+            self.server = None
         if self.load is not None:
-            await self.load.close()
+            load, self.load = self.load, None
+            await load.close()

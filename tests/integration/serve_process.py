@@ -87,11 +87,11 @@ class ServeProcess:
 def group_alive(pgid: int) -> bool:
     """Whether a process of group ``pgid`` still runs. Zombies do not count: they hold no
     port, lock or file any more, and who reaps them (an orphan's init) is not ours."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+            with open(f"/proc/{name}/stat", "rb") as stat:
                 fields = stat.read().rpartition(b")")[2].split()
         except (FileNotFoundError, ProcessLookupError):
             continue
