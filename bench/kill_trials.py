@@ -42,15 +42,18 @@ def _percentile(values: list[float], share: float) -> float:
 
 
 async def _series(
-    base: Path, rng: random.Random, count: int, proxies: int
+    base: Path, rng: random.Random, count: int, proxies: int, deadline: float
 ) -> tuple[list[TrialResult], TrialResult | None]:
-    """``count`` trials on one new data directory; stops at the first failed one."""
+    """``count`` trials on one new data directory; stops at the first failed one, or
+    after ``deadline`` (monotonic)."""
     trials = KillTrials(base, rng, proxies)
     results: list[TrialResult] = []
     final = None
     try:
         await trials.start()
         for _ in range(count):
+            if time.monotonic() > deadline:
+                break
             result = await trials.trial()
             results.append(result)
             print(("ok   " if result.ok else "FAIL ") + result.describe(), flush=True)
@@ -71,16 +74,17 @@ async def _run(args: argparse.Namespace) -> int:
     print(f"seed {seed}: {args.trials} trials, {args.per_dir} per data directory", flush=True)
     root = Path(tempfile.mkdtemp(prefix="meshca-kill-trials-"))
     started = time.monotonic()
+    deadline = started + args.max_minutes * 60
     results: list[TrialResult] = []
     finals: list[TrialResult] = []
     failed_dirs: list[str] = []
     series = 0
-    while len(results) < args.trials:
+    while len(results) < args.trials and time.monotonic() < deadline:
         series += 1
         base = root / f"series-{series}"
         base.mkdir()
         count = min(args.per_dir, args.trials - len(results))
-        done, final = await _series(base, rng, count, args.proxies)
+        done, final = await _series(base, rng, count, args.proxies, deadline)
         results += done
         if final is not None:
             finals.append(final)
@@ -90,6 +94,7 @@ async def _run(args: argparse.Namespace) -> int:
             _remove(base)
     wall = time.monotonic() - started
     summary = _summary(seed, results, finals, failed_dirs, wall)
+    summary["trials_asked"] = args.trials
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"kill-trials-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(
@@ -128,6 +133,7 @@ def _summary(
         "trials_failed": sum(not r.ok for r in results) + sum(not f.ok for f in finals),
         "worker_kills": kinds["worker"],
         "server_kills": kinds["server"],
+        "supervisor_kills": kinds["supervisor"],
         "data_directories": len(finals) + (len(failed_dirs) - sum(not f.ok for f in finals)),
         "certificates_received_and_checked": checked,
         "records": records,
@@ -166,6 +172,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, help="replays the same kinds and kill moments")
     parser.add_argument("--per-dir", type=int, default=50, help="trials per data directory")
     parser.add_argument("--proxies", type=int, default=64)
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=24 * 60,
+        help="start no trial after this long; the summary says how many ran",
+    )
     return asyncio.run(_run(parser.parse_args()))
 
 

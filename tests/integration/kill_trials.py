@@ -56,7 +56,7 @@ WORKERS = 2
 #: without their record writer, must stop by themselves.
 KILL_KINDS = ("worker", "server", "supervisor")
 #: The kill lands uniformly this many seconds after the (re)started server serves.
-KILL_WINDOW = (0.05, 0.6)
+KILL_WINDOW = (0.05, 0.5)
 #: A restart that does not serve within this long is a failed trial.
 RESTART_LIMIT = 30.0
 #: How long the processes may take to be gone after a kill (a worker's survivor drains).
