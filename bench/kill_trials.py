@@ -138,6 +138,7 @@ def _summary(
         "certificates_received_and_checked": checked,
         "records": records,
         "records_without_a_received_certificate": records - checked,
+        "refusal_records": sum(f.refused for f in finals),
         "checks": len(results) + len(finals),
         "records_missing": sum(len(r.missing) for r in [*results, *finals]),
         "verify_failures": sum(r.verify_code != 0 for r in [*results, *finals]),

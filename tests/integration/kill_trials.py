@@ -86,6 +86,8 @@ class TrialResult:
     received: int
     checked: int
     records: int
+    #: Records of refusals (none expected: every proxy's request is valid).
+    refused: int
     missing: list[str]
     index_problems: list[str]
     verify_code: int
@@ -329,6 +331,7 @@ class KillTrials:
             received=len(received) - before,
             checked=len(received),
             records=check.records,
+            refused=check.records - check.issued,
             missing=check.missing + [f"{s} (received twice)" for s in self.load.repeated],
             index_problems=check.index_problems,
             verify_code=verify_code,
@@ -380,6 +383,7 @@ class KillTrials:
             received=0,
             checked=len(received),
             records=check.records,
+            refused=check.records - check.issued,
             missing=check.missing + [f"{s} (received twice)" for s in load.repeated],
             index_problems=check.index_problems,
             verify_code=verify_code,
