@@ -266,7 +266,8 @@ class KillTrials:
             self.jwks,
             workers=WORKERS,
             listen=f"127.0.0.1:{self.port}",
-            # No periodic heads: a head is signed on demand, by verify, never mid-check.
+            # The leader signs a head as it starts (over what the last crash left), then
+            # hourly: verify checks every one of those heads, and none is signed mid-check.
             extra=["--plaintext", "--tree-head-interval", "1h", "--log-level", "info"],
         )
 
