@@ -1,10 +1,10 @@
 """kill -9 under 64-proxy load, 50 times: every certificate a proxy received has its record.
 
-Each trial kills one worker or the whole ``meshca serve`` tree at a random moment, checks
-the data directory the crash left (records, leaf indexes, ``meshca audit verify``) and
-restarts on it (``tests/integration/kill_trials.py``). The seed is printed; set
-``KILL_TRIALS_SEED`` to replay the same kinds and moments. ``bench/kill_trials.py`` runs
-1,000.
+Each trial kills one worker, the whole ``meshca serve`` tree, or its supervisor alone at a
+random moment, checks the data directory the crash left (records, leaf indexes,
+``meshca audit verify``) and restarts on it (``tests/integration/kill_trials.py``). The
+seed is printed; set ``KILL_TRIALS_SEED`` to replay the same kinds and moments.
+``bench/kill_trials.py`` runs 1,000.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ async def test_kill_9_under_load_loses_no_record(tmp_path: Path) -> None:
     assert final.ok, f"seed {seed}: {final.describe()}"
 
     kinds = Counter(r.kind for r in results)
-    # Both kinds, and kills that landed while certificates were in flight: records of
+    # Every kind, and kills that landed while certificates were in flight: records of
     # certificates whose responses died with the server.
     assert all(kinds[kind] >= 5 for kind in KILL_KINDS), kinds
     assert final.checked >= 10 * TRIALS, final.checked
