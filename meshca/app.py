@@ -15,7 +15,7 @@ import logging
 import random
 import shutil
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -814,7 +814,8 @@ def read_database_state(engine: Engine) -> DatabaseState:
 async def run_worker(
     settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then drain within ``--shutdown-grace``.
+    """Serve until SIGINT or SIGTERM, or until the record writer (``serve``'s supervisor)
+    is gone, then drain within ``--shutdown-grace``.
 
     A worker of ``serve`` ignores repeated signals: its supervisor forwards each stop
     and bounds the drain, killing a worker still alive at the grace's end.
@@ -829,11 +830,24 @@ async def run_worker(
     if worker.metrics_server is not None:
         metrics_host = (settings.metrics_listen or "").rpartition(":")[0]
         log.info("metrics on http://%s:%d/metrics", metrics_host, worker.metrics_server.port)
-    await serve_until_stopped(worker, settings.shutdown_grace, supervised=True)
+    writer_gone = None
+    if isinstance(worker.audit, RecordWriterClient):
+        # The writer runs in the supervisor: if it is gone (the supervisor was killed),
+        # this worker can issue nothing, and must not keep the port from a new one.
+        writer_gone = worker.audit.writer_gone()
+    await serve_until_stopped(
+        worker, settings.shutdown_grace, supervised=True, writer_gone=writer_gone
+    )
 
 
-async def serve_until_stopped(worker: Worker, grace: timedelta, *, supervised: bool) -> None:
-    """Wait for SIGTERM or SIGINT, then drain ``worker`` within ``grace``.
+async def serve_until_stopped(
+    worker: Worker,
+    grace: timedelta,
+    *,
+    supervised: bool,
+    writer_gone: Awaitable[str] | None = None,
+) -> None:
+    """Wait for SIGTERM or SIGINT (or ``writer_gone``), then drain ``worker`` within ``grace``.
 
     Unsupervised (``dev serve``), a watchdog ends the process if it is still alive when
     the grace is over; a second signal aborts the calls in flight and leaves only the
@@ -841,7 +855,15 @@ async def serve_until_stopped(worker: Worker, grace: timedelta, *, supervised: b
     """
     seconds = grace.total_seconds()
     signals = StopSignals(Shutdown(seconds, repeat_cuts_short=not supervised))
-    await signals.draining.wait()
+    signalled = asyncio.ensure_future(signals.draining.wait())
+    waits: list[asyncio.Future[Any]] = [signalled]
+    if writer_gone is not None:
+        waits.append(asyncio.ensure_future(writer_gone))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not signalled.done():
+        log.error("%s; this worker stops", waits[1].result())
+    for waiting in waits:
+        waiting.cancel()
     started = asyncio.get_running_loop().time()
     if not supervised:
         start_watchdog(seconds, "the stop signal")

@@ -5,7 +5,7 @@ all listening on one port (SO_REUSEPORT; the kernel spreads connections). This p
 the supervisor, serves no requests: it runs the host's issuance-record writer for them
 (``storage.host_writer``), each worker holding one end of a socket pair to it, and it
 stops every worker when one dies, so that a supervisor above (Kubernetes) restarts the
-whole set.
+whole set. A worker whose writer is gone (the supervisor was killed alone) stops too.
 """
 
 from __future__ import annotations

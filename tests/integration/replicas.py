@@ -6,11 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
+from tests.integration.serve_process import ServeProcess, launch
 from tests.integration.server_harness import TokenMinter, serve_command
 
 ENTRY = Path(__file__).with_name("replica_main.py")
@@ -42,56 +39,13 @@ FAST_CA = [
 ]  # fmt: skip
 AUDIT_TOKEN = "replica-audit-token"
 
+#: One replica is one ``meshca serve`` process tree.
+Replica = ServeProcess
+
 
 def write_kek(path: Path) -> Path:
     path.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     return path
-
-
-@dataclass
-class Replica:
-    """One ``meshca serve`` process tree (its own session, so it can be killed whole)."""
-
-    name: str
-    data_dir: Path
-    process: subprocess.Popen[str]
-    output: list[str]
-    port: int = 0
-    reader: threading.Thread | None = None
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def log(self, last: int = 40) -> str:
-        return "".join(self.output[-last:])
-
-    def stop(self, timeout: float = 20) -> int:
-        if self.alive:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-        finally:
-            self._close_output()
-
-    def kill(self) -> None:
-        if self.alive:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
-        self._close_output()
-
-    def _close_output(self) -> None:
-        if self.reader is not None:
-            self.reader.join(10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 def replica_command(
@@ -127,35 +81,8 @@ def start_replica(
     """Start replica ``name`` with data dir ``base/name``; with ``wait``, until it serves."""
     (base / "audit-token").write_text(AUDIT_TOKEN + "\n")
     data_dir = base / name
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("MESHCA_", "REPLICA_"))}
-    environ.update(env or {})
-    process = subprocess.Popen(
-        replica_command(data_dir, jwks, database_url, kek, extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=environ,
-        start_new_session=True,
-    )
-    replica = Replica(name, data_dir, process, [])
-    listening = threading.Event()
-
-    def collect() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            replica.output.append(line)
-            found = re.search(r"started \d+ workers on [\d.]+:(\d+)", line)
-            if found:
-                replica.port = int(found.group(1))
-            if "serving on" in line:
-                listening.set()
-        listening.set()
-
-    replica.reader = threading.Thread(target=collect, name=f"{name}-output", daemon=True)
-    replica.reader.start()
-    if wait:
-        assert listening.wait(60) and replica.alive and replica.port, replica.log()
-    return replica
+    command = replica_command(data_dir, jwks, database_url, kek, extra)
+    return launch(name, data_dir, command, env=env, wait=60 if wait else None)
 
 
 def leaf_serials_received(proxies: Sequence[Proxy]) -> set[str]:

@@ -86,15 +86,22 @@ class RunningServer:
         )
 
 
-def serve_command(data_dir: Path, jwks_path: Path, *, workers: int, extra: list[str]) -> list[str]:
-    """``meshca serve`` on a free 127.0.0.1 port, jwks mode against ``jwks_path``."""
+def serve_command(
+    data_dir: Path,
+    jwks_path: Path,
+    *,
+    workers: int,
+    extra: list[str],
+    listen: str = "127.0.0.1:0",
+) -> list[str]:
+    """``meshca serve`` on ``listen`` (a free 127.0.0.1 port), jwks mode against ``jwks_path``."""
     return [
         sys.executable,
         "-m",
         "meshca",
         "serve",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--data-dir",
         str(data_dir),
         "--trust-domain",

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -24,8 +22,8 @@ from sqlalchemy import Engine, text
 
 from meshca.adapters.storage import make_engine
 from meshca.adapters.storage.journal import SqlAuthorityJournal
-from meshca.cli import main as meshca_main
 from meshca.core.rotation import AuthorityKind, AuthoritySet, AuthorityState
+from tests.integration.log_checks import assert_log_complete, audit_verify
 from tests.integration.replicas import (
     Fleet,
     FleetReport,
@@ -94,33 +92,8 @@ async def _run_until(
 
 
 def _audit_verify(replica: Replica) -> tuple[int, str]:
-    out = io.StringIO()
     token_file = replica.data_dir.parent / "audit-token"
-    with redirect_stdout(out), redirect_stderr(out):
-        code = meshca_main(
-            [
-                "audit",
-                "verify",
-                "--server",
-                replica.target,
-                "--plaintext",
-                "--token-file",
-                str(token_file),
-            ]
-        )
-    return code, out.getvalue()
-
-
-def _log_is_gapless(engine: Engine, serials: set[str]) -> int:
-    with engine.connect() as connection:
-        count, low, high = connection.execute(
-            text("SELECT count(*), min(leaf_index), max(leaf_index) FROM issuance_record")
-        ).one()
-        recorded = {s for (s,) in connection.execute(text("SELECT serial FROM issuance_record"))}
-    assert (low, high) == (0, count - 1), f"leaf indexes {low}..{high} for {count} records"
-    missing = serials - recorded
-    assert not missing, f"certificates without a record: {sorted(missing)[:5]}"
-    return int(count)
+    return audit_verify("--server", replica.target, "--plaintext", "--token-file", str(token_file))
 
 
 def _assert_fleet_held(report: FleetReport) -> None:
@@ -154,7 +127,7 @@ async def test_three_replicas_through_two_root_rotations(
         assert code == 0, output
     for replica in replicas:
         assert replica.stop() == 0, replica.log()
-    records = _log_is_gapless(engine, leaf_serials_received(fleet.proxies))
+    records = assert_log_complete(engine, dict.fromkeys(leaf_serials_received(fleet.proxies)))
     print(
         f"\nthree replicas: {roots - 1} root rotations, {intermediates - 1} intermediate "
         f"renewals, {report.certificates} certificates to {PROXIES} proxies, "

@@ -363,10 +363,12 @@ class RecordWriterClient:
         self._failures = 0
         self._drained: asyncio.Event | None = None
         self._closing = False
+        self._gone: asyncio.Event | None = None
 
     async def start(self) -> None:
         """Serve the socket from this event loop; call once before ``append``."""
         self._loop = asyncio.get_running_loop()
+        self._gone = asyncio.Event()
         self._sock.setblocking(False)
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
 
@@ -381,6 +383,12 @@ class RecordWriterClient:
         if self._loop is None:
             return "the record writer is not connected"
         return self._problem
+
+    async def writer_gone(self) -> str:
+        """Wait until the writer hung up or the connection broke (not ``aclose``); why."""
+        assert self._gone is not None, "start() first"
+        await self._gone.wait()
+        return self._problem or "the host's record writer is gone"
 
     async def append(self, record: AuditRecord) -> None:
         values = encode_record(record)
@@ -497,6 +505,8 @@ class RecordWriterClient:
         self._disconnect()
         if self._drained is not None:
             self._drained.set()
+        if self._gone is not None:
+            self._gone.set()
 
     def _disconnect(self) -> None:
         if self._loop is not None and self._sock.fileno() >= 0:

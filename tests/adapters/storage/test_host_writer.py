@@ -176,16 +176,29 @@ async def test_writer_gone_fails_pending_and_later_appends(engine: Engine) -> No
     await client.start()
     assert client.writer_problem is None
     pending = asyncio.ensure_future(client.append(make_record(0)))
+    gone = asyncio.ensure_future(client.writer_gone())
     await asyncio.sleep(0.05)
     assert not pending.done()  # nobody answers yet
+    assert not gone.done()
     ours.close()
     with pytest.raises(BackendUnavailable, match="record writer is gone"):
         await asyncio.wait_for(pending, NO_HANG)
+    # What a worker waits on, to stop when its supervisor was killed.
+    assert await asyncio.wait_for(gone, NO_HANG) == "the host's record writer is gone"
     with pytest.raises(BackendUnavailable, match="record writer is gone"):
         await client.append(make_record(1))
     assert client.writer_problem == "the host's record writer is gone"
     assert client.write_failures == 2
     await client.aclose()
+
+
+async def test_closing_is_not_the_writer_gone(host: Host) -> None:
+    client = host.clients[0]
+    gone = asyncio.ensure_future(client.writer_gone())
+    await client.aclose()
+    await asyncio.sleep(0.05)
+    assert not gone.done()
+    gone.cancel()
 
 
 async def test_cancelled_append_is_still_committed(host: Host, engine: Engine) -> None:
@@ -243,7 +256,8 @@ def test_oversized_frame_drops_that_worker(engine: Engine) -> None:
 
 texts = st.text(max_size=40)
 aware = st.datetimes(
-    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1),
+    min_value=datetime(1971, 1, 1),
+    max_value=datetime(2200, 1, 1),
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=-7, minutes=-30))]),
 )
 
