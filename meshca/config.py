@@ -111,6 +111,7 @@ class Settings:
     audit_retention: timedelta | None = None
     key_encryption_key_file: Path | None = None
     health_listen: str | None = None
+    connection_idle_timeout: timedelta = timedelta(minutes=5)
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):

@@ -69,6 +69,8 @@ HELP = {
     "one); while replacing it, one key per line, the new one first",
     "health_listen": "HOST:PORT serving only gRPC health, in plaintext, for Kubernetes probes "
     "(service '' is liveness, 'meshca.ready' readiness)",
+    "connection_idle_timeout": "close a client connection with no call open for this long "
+    "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
 }
 
 
