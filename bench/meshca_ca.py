@@ -17,7 +17,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,6 +85,7 @@ def meshca_ca(
     tls: bool = False,
     database_url: str | None = None,
     extra_trees: tuple[int, ...] = (),
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Target]:
     """Start meshca on a free 127.0.0.1 port, wait until it serves, check one issuance.
 
@@ -93,6 +94,7 @@ def meshca_ca(
     ``workdir/<name>-data``. ``tls`` serves with meshca's own serving certificate instead
     of ``--plaintext``; the checks then trust meshca's bundle (``meshca ca bundle``).
     ``extra_trees`` are process trees that belong to this set-up (its PostgreSQL).
+    ``extra_args`` go on ``meshca serve``'s command line.
     """
     data_dir = workdir / f"{name}-data"
     issuer = DevTokenIssuer(workdir / f"{name}-dev-issuer")
@@ -106,6 +108,7 @@ def meshca_ca(
         [
             *([] if tls else ["--plaintext"]),
             *(["--database-url", database_url] if database_url else []),
+            *extra_args,
         ],
     )
     # Flags only: a MESHCA_* variable in the caller's environment must not change the setup.
