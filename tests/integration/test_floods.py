@@ -320,3 +320,26 @@ async def test_a_client_that_never_reads_is_dropped(health_port: int) -> None:
             health_pb2.HealthCheckRequest(service=""), timeout=5
         )
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_connections_past_the_cap_are_closed_at_once() -> None:
+    servicer = health.aio.HealthServicer()
+    server, port = build_health_server(servicer, "127.0.0.1:0", ConnectionLimits(max_connections=4))
+    await server.start()
+    held: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(PREFACE + _frame(SETTINGS, 0, 0))
+            async with asyncio.timeout(5):
+                assert await reader.read(9), "a connection within the cap got nothing"
+            held.append(writer)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        held.append(writer)
+        async with asyncio.timeout(5):
+            with contextlib.suppress(ConnectionResetError):
+                assert await reader.read(65536) == b"", "the fifth connection was served"
+    finally:
+        for writer in held:
+            writer.close()
+        await server.stop(0)
