@@ -375,8 +375,21 @@ class Connection:
     received: bytearray = field(default_factory=bytearray)
     closed_after: float | None = None
 
-    async def drain_until_closed(self, deadline: float) -> None:
-        """Read (keeping up to 64 KiB) until the server closes or ``deadline``."""
+    async def drain_until_closed(
+        self, deadline: float, until: asyncio.Future[float] | None = None
+    ) -> None:
+        """Read (keeping up to 64 KiB) until the server closes or ``deadline`` (monotonic);
+        with ``until``, the deadline is the time that future gives, once it has one."""
+        if until is not None:
+            watching = asyncio.ensure_future(self.drain_until_closed(float("inf")))
+            await asyncio.wait([watching, until], return_when=asyncio.FIRST_COMPLETED)
+            if not watching.done():
+                remaining = max(0.0, until.result() - time.monotonic())
+                await asyncio.wait([watching], timeout=remaining)
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+            return
         with contextlib.suppress(TimeoutError, OSError, ssl.SSLError, asyncio.IncompleteReadError):
             async with asyncio.timeout_at(deadline):
                 while True:
@@ -422,26 +435,43 @@ def _replies(connections: list[Connection]) -> dict[str, int]:
 
 
 async def _open_many(
-    server: Server, count: int, setup: Callable[[Connection], Awaitable[None]], raw: bool
-) -> tuple[list[Connection], int]:
+    server: Server,
+    count: int,
+    setup: Callable[[Connection], Awaitable[None]],
+    raw: bool,
+    hold: float,
+) -> tuple[list[Connection], dict[str, int], float]:
+    """Open ``count`` connections, 100 at a time; each is watched (read until the server
+    closes it) from the moment it is set up until ``hold`` after the last one opened.
+    Returns them, the failures to open by kind, and the seconds opening took."""
     connections: list[Connection] = []
-    failures = 0
+    failures: dict[str, int] = {}
     gate = asyncio.Semaphore(100)
+    watching: list[asyncio.Task[None]] = []
+    all_open = asyncio.get_running_loop().create_future()
+
+    async def watch(connection: Connection) -> None:
+        await connection.drain_until_closed(float("inf"), until=all_open)
 
     async def one() -> None:
-        nonlocal failures
         async with gate:
             try:
                 reader, writer = await server.open(raw=raw)
                 connection = Connection(reader, writer, time.monotonic())
                 await setup(connection)
-            except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
-                failures += 1
+            except (OSError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError) as exc:
+                name = type(exc).__name__
+                failures[name] = failures.get(name, 0) + 1
                 return
             connections.append(connection)
+            watching.append(asyncio.create_task(watch(connection)))
 
+    started = time.monotonic()
     await asyncio.gather(*(one() for _ in range(count)))
-    return connections, failures
+    opened_in = time.monotonic() - started
+    all_open.set_result(time.monotonic() + hold)
+    await asyncio.gather(*watching)
+    return connections, failures, opened_in
 
 
 async def idle(server: Server, count: int, hold: float, *, handshake: bool) -> dict[str, Any]:
@@ -463,16 +493,15 @@ async def idle(server: Server, count: int, hold: float, *, handshake: bool) -> d
         connection.writer.write(frame(SETTINGS, ACK, 0))
         await connection.writer.drain()
 
-    started = time.monotonic()
     # Without the handshake, not even TLS's: a bare TCP connection.
-    connections, failures = await _open_many(server, count, setup, raw=not handshake)
-    opened_in = time.monotonic() - started
-    deadline = time.monotonic() + hold
-    await asyncio.gather(*(c.drain_until_closed(deadline) for c in connections))
+    connections, failures, opened_in = await _open_many(
+        server, count, setup, raw=not handshake, hold=hold
+    )
     result = {
         "connections": count,
         "opened": len(connections),
-        "failed_to_open": failures,
+        "failed_to_open": sum(failures.values()),
+        "open_failures": failures,
         "open_seconds": round(opened_in, 2),
         **_closes(connections, hold),
         "abuser_got": _replies(connections),
@@ -486,7 +515,7 @@ def _tcp_state(writer: asyncio.StreamWriter) -> int:
     sock = writer.get_extra_info("socket")
     try:
         return int(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0])
-    except OSError:  # asyncio closed it already: the server reset the connection
+    except (OSError, AttributeError):  # asyncio closed it already: the server reset it
         return 0
 
 
