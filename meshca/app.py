@@ -41,6 +41,7 @@ from meshca.adapters.grpc.server import (
     POLICY_SERVICE_NAMES,
     READY_HEALTH,
     SERVICE_NAMES,
+    ConnectionLimits,
     ServerTls,
     add_audit_port,
     build_health_server,
@@ -68,6 +69,7 @@ from meshca.adapters.metrics import (
     meshca_metrics,
     start_metrics_server,
 )
+from meshca.adapters.open_files import connection_cap, raise_open_files_limit
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
 from meshca.adapters.storage.audit_log import SqlAuditLog
@@ -635,6 +637,10 @@ async def start_worker(
         await audit.start()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshca-sign")
     loop = asyncio.get_running_loop()
+    limits = ConnectionLimits(
+        idle_seconds=settings.connection_idle_timeout.total_seconds(),
+        max_connections=connection_cap(raise_open_files_limit()),
+    )
 
     def offload(fn: Callable[[], Any]) -> Any:
         return loop.run_in_executor(executor, fn)
@@ -684,6 +690,7 @@ async def start_worker(
         record_counters=record_counters,
         audit=audit_servicer,
         gate=gate,
+        limits=limits,
     )
     audit_port = None
     if settings.audit_listen and serving is not None and tls is not None:
@@ -715,7 +722,7 @@ async def start_worker(
     await readiness.check()
     health_server, health_port = None, None
     if settings.health_listen is not None:
-        health_server, health_port = build_health_server(health, settings.health_listen)
+        health_server, health_port = build_health_server(health, settings.health_listen, limits)
         await health_server.start()
 
     def report_health(problem: str | None) -> None:

@@ -114,6 +114,7 @@ class Settings:
     health_listen: str | None = None
     metrics_listen: str | None = None
     shutdown_grace: timedelta = timedelta(seconds=10)
+    connection_idle_timeout: timedelta = timedelta(minutes=5)
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):

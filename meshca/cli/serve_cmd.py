@@ -77,6 +77,8 @@ HELP = {
     "(every worker process summed)",
     "shutdown_grace": "on SIGTERM or SIGINT, how long calls in flight may take to finish "
     "before the server exits; a second signal cuts it short (default 10s)",
+    "connection_idle_timeout": "close a client connection with no call open for this long "
+    "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
 }
 
 

@@ -57,9 +57,9 @@ from tests.integration.server_harness import TRUST_DOMAIN, TokenMinter, serve_co
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 STREAMS = 10_000
-#: Client connections the streams are spread over; grpc's server sets no HTTP/2
-#: MAX_CONCURRENT_STREAMS, so any number works. Each channel gets its own connection.
-CHANNELS = 8
+#: Client connections the streams are spread over, each channel its own: 625 streams
+#: each, within the server's HTTP/2 MAX_CONCURRENT_STREAMS (ConnectionLimits, 1,024).
+CHANNELS = 16
 #: Calls opened before waiting for their first answers (see the module docstring).
 WAVE = STREAMS
 #: How many threads the server may add while the streams are open (module docstring).

@@ -33,6 +33,7 @@ __all__ = [
     "POLICY_HEALTH",
     "POLICY_SERVICE_NAMES",
     "READY_HEALTH",
+    "ConnectionLimits",
     "ServerTls",
     "add_audit_port",
     "build_health_server",
@@ -67,6 +68,63 @@ _SHARED_PORT = (("grpc.so_reuseport", 1),)
 
 
 @dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a connection may sit idle or stalled, and how much one may hold open.
+
+    gRPC's own defaults leave every one of these unbounded or near it (no idle limit, a
+    120 s handshake, keepalive pings every 2 h, no stream or connection cap), so a flood
+    of idle or stalled connections would hold memory for as long as it liked. Each bound
+    is chosen to stay out of a real proxy's way; ``bench/floods.py`` measures them.
+    """
+
+    #: A connection with no call open for this long gets GOAWAY (NO_ERROR) and is closed.
+    #: gRPC clients reconnect on their next call, so a proxy that renews every few hours
+    #: pays one handshake per renewal; a call in flight or an open watch is never idle.
+    idle_seconds: float = 300.0
+    #: From accept to the client's HTTP/2 SETTINGS, TLS included (gRPC's default: 120 s).
+    #: A proxy in the cluster needs milliseconds; 10 s is Go's TLS handshake timeout and
+    #: leaves room for a starved node, while a silent socket is dropped 12 times sooner.
+    handshake_seconds: float = 10.0
+    #: While calls are open, ping the client this often; close the connection when a
+    #: ping (this one, or gRPC's own flow-control probes) is not answered within
+    #: ``ping_timeout_seconds``: a client that stopped reading, or vanished, cannot pin
+    #: its calls' memory. gRPC's defaults are 2 h and 60 s. A ping a minute costs an open
+    #: watch a few bytes; a live client's gRPC stack answers one in microseconds.
+    keepalive_seconds: float = 60.0
+    ping_timeout_seconds: float = 20.0
+    #: HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, calls open on one connection (gRPC sets
+    #: none). A stalled call holds ~34 KiB (bench/floods.py), so a client that never
+    #: reads pins at most ~34 MiB, for at most ``ping_timeout_seconds`` past its first
+    #: unanswered ping. A proxy makes one call at a time; gRPC clients queue calls
+    #: beyond the limit instead of failing them.
+    max_streams_per_connection: int = 1024
+    #: Connections each worker accepts at once; beyond it new ones are closed at
+    #: accept, before any handshake (``grpc.max_allowed_incoming_connections``). None:
+    #: no cap. ``app`` derives it from the open-files limit, so that accept() never
+    #: fails with EMFILE.
+    max_connections: int | None = None
+
+    def options(self) -> list[tuple[str, int]]:
+        """The gRPC channel arguments that enforce these limits on a server."""
+        options = [
+            ("grpc.max_connection_idle_ms", _ms(self.idle_seconds)),
+            ("grpc.server_handshake_timeout_ms", _ms(self.handshake_seconds)),
+            ("grpc.keepalive_time_ms", _ms(self.keepalive_seconds)),
+            # The second overrides the first for every ping; both are set for clarity.
+            ("grpc.keepalive_timeout_ms", _ms(self.ping_timeout_seconds)),
+            ("grpc.http2.ping_timeout_ms", _ms(self.ping_timeout_seconds)),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
+        ]
+        if self.max_connections is not None:
+            options.append(("grpc.max_allowed_incoming_connections", self.max_connections))
+        return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+@dataclass(frozen=True)
 class ServerTls:
     """The server's own key and certificate chain, PEM."""
 
@@ -96,6 +154,7 @@ def build_server(
     record_counters: Callable[[], tuple[int, int]] | None = None,
     audit: audit_pb2_grpc.AuditServiceServicer | None = None,
     gate: CallGate | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the server; returns it, the bound port and the health servicer.
 
@@ -110,6 +169,7 @@ def build_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_metadata_size", MAX_METADATA_BYTES),
             *_SHARED_PORT,
+            *(limits or ConnectionLimits()).options(),
             # Calls not yet picked up by the event loop: past these (grpc's defaults are
             # 1,000 and 3,000) grpc answers CANCELLED, which a cold-start storm of proxies
             # or 10,000 watchers reconnecting at once would otherwise meet.
@@ -212,7 +272,7 @@ def add_audit_port(
 
 
 def build_health_server(
-    health_servicer: health.aio.HealthServicer, listen: str
+    health_servicer: health.aio.HealthServicer, listen: str, limits: ConnectionLimits | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """Build (not start) a plaintext server on ``listen`` with only ``health_servicer``.
 
@@ -221,7 +281,13 @@ def build_health_server(
     server and the bound port.
     """
     # A HealthCheckRequest holds a service name: anything larger is not a probe.
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096), *_SHARED_PORT])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 4096),
+            *_SHARED_PORT,
+            *(limits or ConnectionLimits()).options(),
+        ]
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(listen)
     if port == 0:
