@@ -183,8 +183,12 @@ def start_systems(
     workdir: Path,
     csr_pem: str,
     postgres: BenchPostgres | None,
+    meshca_flags: tuple[str, ...] = (),
 ) -> dict[str, Target]:
-    """Start every selected system for one run; ``stack`` stops them all when it closes."""
+    """Start every selected system for one run; ``stack`` stops them all when it closes.
+
+    ``meshca_flags`` go on every meshca's command line, after the bench's own.
+    """
     targets: dict[str, Target] = {}
     if "openbao" in systems:
         targets["openbao"] = stack.enter_context(openbao_pki(bao_binary(), workdir, csr_pem))
@@ -196,10 +200,10 @@ def start_systems(
         from meshca_ca import dedicated_database, meshca_ca  # imports meshca
 
         if "meshca" in systems:
-            targets["meshca"] = stack.enter_context(meshca_ca(workdir, csr_pem))
+            targets["meshca"] = stack.enter_context(meshca_ca(workdir, csr_pem, flags=meshca_flags))
         if "meshca-tls" in systems:
             targets["meshca-tls"] = stack.enter_context(
-                meshca_ca(workdir, csr_pem, name="meshca-tls", tls=True)
+                meshca_ca(workdir, csr_pem, name="meshca-tls", tls=True, flags=meshca_flags)
             )
         if "meshca-pg" in systems:
             if postgres is None:
@@ -212,6 +216,7 @@ def start_systems(
                     name="meshca-pg",
                     database_url=url,
                     extra_trees=(postgres.pid,),
+                    flags=meshca_flags,
                 )
             )
     return targets
@@ -223,6 +228,7 @@ def one_run(
     systems: tuple[str, ...],
     levels: tuple[Level, ...],
     postgres: BenchPostgres | None,
+    meshca_flags: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Fresh servers and a fresh CSR; at each level its systems in turn, order alternating."""
     csr_pem = make_csr()
@@ -230,7 +236,7 @@ def one_run(
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshca-bench-")))
         started = time.monotonic()
-        targets = start_systems(stack, index, systems, workdir, csr_pem, postgres)
+        targets = start_systems(stack, index, systems, workdir, csr_pem, postgres, meshca_flags)
         print(f"  run {index}: {len(targets)} systems ready in {time.monotonic() - started:.0f}s")
         # Alternate which system goes first so none always runs on a warmer machine.
         order = list(systems) if index % 2 == 1 else list(reversed(systems))
@@ -310,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SYSTEMS),
         help=f"comma-separated subset of {','.join(SYSTEMS)} (default all)",
     )
+    parser.add_argument(
+        "--meshca-flag",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a meshca serve flag for every meshca system, e.g. "
+        "--meshca-flag=--metrics-listen=127.0.0.1:0 (repeatable; default: the bench's own)",
+    )
     args = parser.parse_args(argv)
     chosen = {s.strip() for s in args.systems.split(",") if s.strip()}
     systems = tuple(s for s in SYSTEMS if s in chosen)
@@ -334,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": ["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])],
         "quick": args.quick,
         "systems": systems,
+        "meshca_flags": args.meshca_flag,
         "machine": machine_facts(h2load),
         "levels": [{**asdict(lv), "clients": lv.clients, "streams": lv.streams} for lv in levels],
         "runs": [],
@@ -349,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                 postgres = stack.enter_context(bench_postgres())
             for index in range(1, runs + 1):
                 print(f"run {index}/{runs}", flush=True)
-                document["runs"].append(one_run(index, h2load, systems, levels, postgres))
+                document["runs"].append(
+                    one_run(index, h2load, systems, levels, postgres, tuple(args.meshca_flag))
+                )
     except H2loadError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         document["error"] = str(exc)
