@@ -12,9 +12,10 @@ from typing import Any
 import grpc
 
 from meshca.adapters.grpc.gate import DRAINING, CallGate
+from meshca.adapters.log_format import redact
 from meshca.core import errors
 
-__all__ = ["error_mapped", "status_for"]
+__all__ = ["MAX_DETAIL_CHARS", "bounded_detail", "error_mapped", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,19 @@ _STATUS_TABLE: tuple[tuple[type[errors.MeshcaError], grpc.StatusCode], ...] = (
 )
 
 
+#: A status detail says what was wrong, not what was sent: messages quote at most a short
+#: excerpt of an input, and this cut is the last net for any that would quote more.
+MAX_DETAIL_CHARS = 400
+
+
+def bounded_detail(message: str) -> str:
+    """``message`` as a client may see it: tokens and PEM blocks redacted, length capped."""
+    text = redact(message)
+    if len(text) > MAX_DETAIL_CHARS:
+        text = text[: MAX_DETAIL_CHARS - 1] + "…"
+    return text
+
+
 def status_for(error: errors.MeshcaError) -> grpc.StatusCode:
     for kind, code in _STATUS_TABLE:
         if isinstance(error, kind):
@@ -37,7 +51,7 @@ def status_for(error: errors.MeshcaError) -> grpc.StatusCode:
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
     if isinstance(error, errors.MeshcaError) and not isinstance(error, errors.InternalError):
-        await context.abort(status_for(error), error.message)
+        await context.abort(status_for(error), bounded_detail(error.message))
     # Internal failures get an opaque message; the log id ties it to the server log.
     log_id = uuid.uuid4().hex[:12]
     log.error(
