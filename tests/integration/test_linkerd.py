@@ -36,6 +36,8 @@ pytestmark = pytest.mark.integration
 API = "io.linkerd.proxy.identity.Certify"
 LINKERD_AUDIENCE = "identity.l5d.io"
 DOMAIN = "linkerd.cluster.local"
+#: The name the proxy expects the identity service to present (LINKERD2_PROXY_IDENTITY_SVC_NAME).
+SVC_NAME = f"linkerd-identity.linkerd.serviceaccount.identity.{DOMAIN}"
 
 
 def linkerd_name(service_account: str, namespace: str = "emojivoto") -> str:
@@ -61,7 +63,8 @@ class Server:
         return grpc.aio.secure_channel(
             self.process.target,
             grpc.ssl_channel_credentials(roots),
-            options=[("grpc.ssl_target_name_override", "localhost")],
+            # As the proxy does: meshca's TLS name checked against the identity service's.
+            options=[("grpc.ssl_target_name_override", SVC_NAME)],
         )
 
     def token(self, service_account: str, namespace: str = "emojivoto", **claims: Any) -> bytes:
@@ -83,7 +86,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     directory = tmp_path_factory.mktemp("linkerd")
     minter, jwks = TokenMinter.create(directory)
     data_dir = directory / "data"
-    command = serve_command(data_dir, jwks, workers=1, extra=["--linkerd-certify"])
+    command = serve_command(
+        data_dir,
+        jwks,
+        workers=1,
+        extra=["--linkerd-certify", "--server-name", "localhost", "--server-name", SVC_NAME],
+    )
     process = launch("meshca", data_dir, command)
     try:
         yield Server(process, minter, data_dir)
