@@ -28,8 +28,9 @@ from meshca.adapters.storage.engine import make_engine
 from meshca.cli.ca_cmd import load_bundle
 from meshca.core.audit import AuditRecord
 from tests.core.builders import private_key
+from tests.fixtures_k8s import K8sApiStandIn
 from tests.integration.serve_process import ServeProcess, launch
-from tests.integration.server_harness import TokenMinter, serve_command
+from tests.integration.server_harness import TokenMinter, running_server, serve_command
 
 pytestmark = pytest.mark.integration
 
@@ -359,3 +360,51 @@ async def test_concurrent_proxies_each_get_their_own_identity(server: Server) ->
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert san.get_values_for_type(x509.DNSName) == [linkerd_name(sa)]
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe_id(sa)]
+
+
+async def test_tokenreview_mode_reviews_linkerd_tokens_for_linkerd_audience(
+    tmp_path: Path, k8s_api_tls: K8sApiStandIn
+) -> None:
+    """The API server is asked about Linkerd's audience at Linkerd's door and about
+    meshca's at the others, through one reviewer; neither door's cache serves the other."""
+    api = k8s_api_tls
+    api.clock._now = datetime.now(UTC).replace(microsecond=0)
+    name = "cart.shop.serviceaccount.identity.linkerd.cluster.local"
+    token = api.minter.token(aud=[LINKERD_AUDIENCE])
+    async for running in running_server(
+        tmp_path,
+        k8s_mode="tokenreview",
+        k8s_issuer=None,
+        k8s_jwks_file=None,
+        k8s_api_server=api.url,
+        k8s_ca_file=Path(api.ca_file or ""),
+        k8s_token_file=api.caller_token_file,
+        linkerd_certify=True,
+    ):
+        async with running.channel() as channel:
+            stub = identity_pb2_grpc.IdentityStub(channel)
+            for _ in range(2):
+                response = await stub.Certify(
+                    identity_pb2.CertifyRequest(
+                        identity=name,
+                        token=token.encode(),
+                        certificate_signing_request=proxy_csr(x509.DNSName(name)),
+                    ),
+                    timeout=10,
+                )
+                leaf = x509.load_der_x509_certificate(response.leaf_certificate)
+                assert leaf.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName
+                ).value.get_values_for_type(x509.UniformResourceIdentifier) == [
+                    "spiffe://example.org/ns/shop/sa/cart"
+                ]
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await ca_pb2_grpc.CertificateServiceStub(channel).Sign(
+                    ca_pb2.SignRequest(csr=proxy_csr()),
+                    metadata=[("authorization", f"Bearer {token}")],
+                    timeout=10,
+                )
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # One review for Linkerd's door (then cached), one refused at meshca's.
+    asked = [r["spec"]["audiences"] for r in api.review_requests]
+    assert asked == [[LINKERD_AUDIENCE], ["meshca"]]
