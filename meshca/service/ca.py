@@ -168,14 +168,14 @@ class CertificateService:
             context.identity = identity
             spiffe_id = spiffe_id_for(identity, self._trust_domain)
             context.spiffe_id = spiffe_id
-            dns_name = None if door is None else self._linkerd_name(requested, identity, door)
+            linkerd_name = None if door is None else self._linkerd_name(requested, identity, door)
             authority = self._authority()
             serial = self._new_serial()
             if self._offload is None:
-                issued = self._issue(request, spiffe_id, authority, now, serial, dns_name)
+                issued = self._issue(request, spiffe_id, authority, now, serial, linkerd_name)
             else:
                 issued = await self._offload(
-                    lambda: self._issue(request, spiffe_id, authority, now, serial, dns_name)
+                    lambda: self._issue(request, spiffe_id, authority, now, serial, linkerd_name)
                 )
         except MeshcaError as error:
             await self._record_refusal(request, now, context, error)
