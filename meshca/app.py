@@ -36,6 +36,7 @@ from meshca.adapters.clock import SystemClock
 from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.linkerd_servicer import SERVICE_NAME as LINKERD_SERVICE_NAME
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
     POLICY_SERVICE_NAMES,
@@ -103,7 +104,7 @@ from meshca.service.audit import AuditAccess, AuditService, LogMaintenance
 from meshca.service.authority import AuthorityService
 from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
-from meshca.service.ca import CertificateService, serial_hex
+from meshca.service.ca import CertificateService, LinkerdDoor, serial_hex
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
@@ -328,9 +329,31 @@ def prepare(settings: Settings) -> None:
 
 def build_attestor(
     settings: Settings, clock: Clock, metrics: MeshcaMetrics | None = None
+) -> tuple[Attestor, Attestor | None]:
+    """The attestor for the k8s audiences, and one for Linkerd's (with --linkerd-certify).
+
+    Both share one verifier (JWKS keys, or the API server client and review threads);
+    each has its own cache, as a token good for one door is not good for the other.
+    """
+    inner = _cluster_attestor(settings, clock)
+    linkerd = None
+    if settings.linkerd_certify:
+        linkerd = _cached(inner.with_audiences(settings.linkerd_audience), settings, clock, metrics)
+    return _cached(inner, settings, clock, metrics), linkerd
+
+
+def _cached(
+    inner: Attestor, settings: Settings, clock: Clock, metrics: MeshcaMetrics | None
 ) -> Attestor:
+    if metrics is not None:
+        # Timed inside the cache: what is measured is the cluster's answer.
+        inner = TimedAttestor(inner, metrics.attestation_seconds.labels(settings.k8s_mode).observe)
+    return CachingAttestor(inner, clock, max_ttl=settings.token_cache_ttl)
+
+
+def _cluster_attestor(settings: Settings, clock: Clock) -> JwksAttestor | TokenReviewAttestor:
     audiences = list(settings.k8s_audience)
-    inner: Attestor
+    inner: JwksAttestor | TokenReviewAttestor
     match settings.k8s_mode:
         case "jwks":
             assert settings.k8s_issuer is not None
@@ -365,10 +388,7 @@ def build_attestor(
             )
         case other:
             raise ConfigError(f"unknown k8s-mode {other!r}")
-    if metrics is not None:
-        # Timed inside the cache: what is measured is the cluster's answer.
-        inner = TimedAttestor(inner, metrics.attestation_seconds.labels(settings.k8s_mode).observe)
-    return CachingAttestor(inner, clock, max_ttl=settings.token_cache_ttl)
+    return inner
 
 
 @dataclass
@@ -650,9 +670,10 @@ async def start_worker(
     observers: list[OutcomeObserver] = [OutcomeLog()]
     if metrics is not None:
         observers.append(metrics.observe_outcome)
+    attestor, linkerd_attestor = build_attestor(settings, clock, metrics)
     ca = CertificateService(
         trust_domain=trust_domain,
-        attestor=build_attestor(settings, clock, metrics),
+        attestor=attestor,
         audit_log=audit,
         authority=authorities.current,
         clock=clock,
@@ -665,6 +686,9 @@ async def start_worker(
         # in microseconds, and a worker process owns its core anyway.
         offload=offload if settings.vault_transit else None,
         on_outcome=each(observers),
+        linkerd=None
+        if linkerd_attestor is None
+        else LinkerdDoor(linkerd_attestor, settings.linkerd_identity_domain),
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
@@ -691,6 +715,7 @@ async def start_worker(
         audit=audit_servicer,
         gate=gate,
         limits=limits,
+        linkerd=settings.linkerd_certify,
     )
     audit_port = None
     if settings.audit_listen and serving is not None and tls is not None:
@@ -707,7 +732,8 @@ async def start_worker(
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         policy_health.health = health
         await policy_health(authz.status())
-    for name in ("", *SERVICE_NAMES, AUTHORITY_HEALTH):
+    linkerd_names = (LINKERD_SERVICE_NAME,) if settings.linkerd_certify else ()
+    for name in ("", *SERVICE_NAMES, *linkerd_names, AUTHORITY_HEALTH):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set(READY_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
     readiness = ReadinessChecker(

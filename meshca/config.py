@@ -20,6 +20,7 @@ import yaml
 
 from meshca.adapters.k8s.token_review import in_cluster_defaults
 from meshca.core.errors import InvalidSpiffeId
+from meshca.core.linkerd import check_linkerd_domain
 from meshca.core.rotation import RotationPolicy
 from meshca.core.spiffe import SpiffeId, TrustDomain
 
@@ -115,6 +116,13 @@ class Settings:
     metrics_listen: str | None = None
     shutdown_grace: timedelta = timedelta(seconds=10)
     connection_idle_timeout: timedelta = timedelta(minutes=5)
+    # Linkerd's identity API: opt-in, as it lets every pod holding a Linkerd-audience
+    # token (every meshed pod, where Linkerd runs) get a certificate from meshca.
+    linkerd_certify: bool = False
+    linkerd_audience: tuple[str, ...] = ("identity.l5d.io",)
+    # Linkerd's <linkerd-ns>.<identityTrustDomain>: namespace "linkerd" and trust domain
+    # "cluster.local" by default upstream.
+    linkerd_identity_domain: str = "linkerd.cluster.local"
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -158,6 +166,22 @@ class Settings:
             raise ConfigError("shutdown-grace must be a positive duration")
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
+        self._check_linkerd()
+
+    def _check_linkerd(self) -> None:
+        try:
+            check_linkerd_domain(self.linkerd_identity_domain)
+        except ValueError as exc:
+            raise ConfigError(f"linkerd-identity-domain: {exc}") from None
+        if not self.linkerd_audience:
+            raise ConfigError("at least one linkerd-audience is required")
+        shared = sorted(set(self.linkerd_audience) & set(self.k8s_audience))
+        if shared and self.linkerd_certify:
+            # Each door takes the tokens minted for it; one audience on both would let a
+            # token for either be used at the other.
+            raise ConfigError(
+                f"linkerd-audience and k8s-audience must differ; both have {', '.join(shared)}"
+            )
 
     def rotation_policy(self) -> RotationPolicy:
         """The CA lifetimes as core values; unset delays take their documented defaults."""

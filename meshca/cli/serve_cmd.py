@@ -79,6 +79,12 @@ HELP = {
     "before the server exits; a second signal cuts it short (default 10s)",
     "connection_idle_timeout": "close a client connection with no call open for this long "
     "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
+    "linkerd_certify": "also serve Linkerd's identity API (io.linkerd.proxy.identity.Identity/"
+    "Certify) on the main port, for linkerd2-proxy",
+    "linkerd_audience": "token audience accepted by Linkerd's identity API, and only there; "
+    "repeat for several (default identity.l5d.io)",
+    "linkerd_identity_domain": "suffix of Linkerd names after <sa>.<ns>.serviceaccount.identity.: "
+    "<linkerd-namespace>.<identityTrustDomain> (default linkerd.cluster.local)",
 }
 
 

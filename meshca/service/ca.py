@@ -26,16 +26,30 @@ from meshca.core.errors import (
     AuthenticationFailed,
     InternalError,
     MeshcaError,
+    NotAuthorized,
     RequestTooLarge,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
 from meshca.core.leaf_der import certificate_pem
+from meshca.core.linkerd import (
+    LinkerdName,
+    check_linkerd_csr,
+    linkerd_name_for,
+    parse_linkerd_name,
+    require_der_csr,
+)
 from meshca.core.ports import Attestor, AuditLog, Clock, OutcomeObserver
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 
-__all__ = ["MAX_TOKEN_BYTES", "CertificateService", "SignRequest", "SignedCertificate"]
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "CertificateService",
+    "LinkerdDoor",
+    "SignRequest",
+    "SignedCertificate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +68,22 @@ class SignRequest:
     #: Why the credential the caller sent could not be read (a malformed header): the
     #: request is then refused and recorded like any other bad token.
     token_problem: AuthenticationFailed | None = None
+    #: Set by Linkerd's door: the identity name asked for. The token is then attested with
+    #: Linkerd's audiences, the CSR must be DER naming exactly this name, and the leaf
+    #: carries it as a DNS SAN beside the SPIFFE ID.
+    linkerd_identity: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LinkerdDoor:
+    """How requests through Linkerd's door are attested and named.
+
+    ``attestor`` accepts Linkerd's token audiences only (not the other doors'), and
+    ``domain`` is the suffix after ``<sa>.<ns>.serviceaccount.identity.``.
+    """
+
+    attestor: Attestor
+    domain: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +121,10 @@ class _Issued:
     not_after: datetime
 
 
+#: What Linkerd's door asks of the request: nothing when it is another door.
+_NO_LINKERD: tuple[LinkerdName | None, LinkerdDoor | None] = (None, None)
+
+
 def serial_hex(serial: int) -> str:
     return f"{serial:x}"
 
@@ -110,6 +144,7 @@ class CertificateService:
         new_serial: Callable[[], int],
         offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         on_outcome: OutcomeObserver | None = None,
+        linkerd: LinkerdDoor | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
@@ -122,22 +157,25 @@ class CertificateService:
         # signs in the caller, as a local key takes microseconds and a worker owns a core.
         self._offload = offload
         self._on_outcome = on_outcome
+        self._linkerd = linkerd
 
     async def sign(self, request: SignRequest) -> SignedCertificate:
         now = self._clock.now()
         context = _RefusalContext()
         try:
-            identity = await self._attest(request)
+            requested, door = self._linkerd_request(request)
+            identity = await self._attest(request, door)
             context.identity = identity
             spiffe_id = spiffe_id_for(identity, self._trust_domain)
             context.spiffe_id = spiffe_id
+            linkerd_name = None if door is None else self._linkerd_name(requested, identity, door)
             authority = self._authority()
             serial = self._new_serial()
             if self._offload is None:
-                issued = self._issue(request, spiffe_id, authority, now, serial)
+                issued = self._issue(request, spiffe_id, authority, now, serial, linkerd_name)
             else:
                 issued = await self._offload(
-                    lambda: self._issue(request, spiffe_id, authority, now, serial)
+                    lambda: self._issue(request, spiffe_id, authority, now, serial, linkerd_name)
                 )
         except MeshcaError as error:
             await self._record_refusal(request, now, context, error)
@@ -179,7 +217,33 @@ class CertificateService:
             authority=authority,
         )
 
-    async def _attest(self, request: SignRequest) -> KubernetesIdentity:
+    def _linkerd_request(
+        self, request: SignRequest
+    ) -> tuple[LinkerdName | None, LinkerdDoor | None]:
+        """The identity a Linkerd request names (checked before any token is looked at)."""
+        if request.linkerd_identity is None:
+            return _NO_LINKERD
+        door = self._linkerd
+        if door is None:
+            # The servicer is only registered with a door; reaching here is our bug.
+            raise InternalError("Linkerd's identity service is not configured")
+        return parse_linkerd_name(request.linkerd_identity, door.domain), door
+
+    @staticmethod
+    def _linkerd_name(
+        requested: LinkerdName | None, identity: KubernetesIdentity, door: LinkerdDoor
+    ) -> LinkerdName:
+        proven = linkerd_name_for(identity, door.domain)
+        if requested != proven:
+            raise NotAuthorized(
+                f"identity {str(requested)[:300]!r} was asked for but the token proves {proven}",
+                reason="linkerd-identity-mismatch",
+            )
+        return proven
+
+    async def _attest(
+        self, request: SignRequest, door: LinkerdDoor | None = None
+    ) -> KubernetesIdentity:
         if request.token_problem is not None:
             raise request.token_problem
         token = request.token
@@ -193,7 +257,8 @@ class CertificateService:
                 f"token is {len(token)} bytes; the limit is {MAX_TOKEN_BYTES}",
                 reason="token-too-large",
             )
-        return await self._attestor.attest(token)
+        attestor = self._attestor if door is None else door.attestor
+        return await attestor.attest(token)
 
     def _issue(
         self,
@@ -202,14 +267,23 @@ class CertificateService:
         authority: Authority,
         now: datetime,
         serial: int,
+        linkerd_name: LinkerdName | None = None,
     ) -> _Issued:
+        if linkerd_name is not None:
+            require_der_csr(request.csr)
         csr = parse_csr(request.csr)
+        dns_names: tuple[str, ...] = ()
+        if linkerd_name is not None:
+            check_linkerd_csr(csr, linkerd_name)
+            dns_names = (str(linkerd_name),)
         authorize_csr(csr, spiffe_id)
         not_before, not_after = leaf_lifetime(now, request.requested_ttl, self._policy, authority)
         # The certificate holds whole seconds; the record says what the certificate says.
         not_before, not_after = not_before.replace(microsecond=0), not_after.replace(microsecond=0)
-        leaf_der = issue_leaf_der(csr, spiffe_id, authority, not_before, not_after, serial)
-        check_leaf_svid(leaf_der, spiffe_id, authority)
+        leaf_der = issue_leaf_der(
+            csr, spiffe_id, authority, not_before, not_after, serial, dns_names
+        )
+        check_leaf_svid(leaf_der, spiffe_id, authority, dns_names)
         return _Issued(csr, leaf_der, not_before, not_after)
 
     async def _record_refusal(

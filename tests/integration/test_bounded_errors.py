@@ -59,6 +59,7 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         audit_token_file=token_file,
         auditor=("spiffe://example.org/ns/audit/sa/auditor",),
         policy_dir=policy_dir,
+        linkerd_certify=True,
     ):
         yield running
 
@@ -187,6 +188,7 @@ async def test_no_error_echoes_a_secret_or_a_large_input(server: RunningServer) 
         services = {m.containing_service.full_name for m in methods}
         assert {"meshca.v1.CertificateService", "meshca.v1.PolicyService"} <= services
         assert "istio.v1.auth.IstioCertificateService" in services
+        assert "io.linkerd.proxy.identity.Identity" in services
         errors = 0
         for method in methods:
             request_class = message_factory.GetMessageClass(method.input_type)

@@ -1,4 +1,8 @@
-"""The single mapping from meshca errors to gRPC status codes, applied to every servicer."""
+"""The single mapping from meshca errors to gRPC status codes, applied to every servicer.
+
+One table per wire contract: ours (and Istio's) in ``STATUS_TABLE``; Linkerd's identity
+API, whose clients expect its own codes, in ``LINKERD_STATUS_TABLE``.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +19,21 @@ from meshca.adapters.grpc.gate import DRAINING, CallGate
 from meshca.adapters.log_format import redact
 from meshca.core import errors
 
-__all__ = ["MAX_DETAIL_CHARS", "bounded_detail", "error_mapped", "status_for"]
+__all__ = [
+    "LINKERD_STATUS_TABLE",
+    "MAX_DETAIL_CHARS",
+    "STATUS_TABLE",
+    "StatusTable",
+    "bounded_detail",
+    "error_mapped",
+    "status_for",
+]
 
 log = logging.getLogger(__name__)
 
-_STATUS_TABLE: tuple[tuple[type[errors.MeshcaError], grpc.StatusCode], ...] = (
+StatusTable = tuple[tuple[type[errors.MeshcaError], grpc.StatusCode], ...]
+
+STATUS_TABLE: StatusTable = (
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
@@ -28,6 +42,17 @@ _STATUS_TABLE: tuple[tuple[type[errors.MeshcaError], grpc.StatusCode], ...] = (
     (errors.InternalError, grpc.StatusCode.INTERNAL),
 )
 
+#: Linkerd's identity contract (linkerd2 ``pkg/identity/service.go``): a bad token or CSR
+#: is INVALID_ARGUMENT, an identity the token does not prove is FAILED_PRECONDITION.
+#: An oversized CSR or token is a bad one there too.
+LINKERD_STATUS_TABLE: StatusTable = (
+    (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.RequestTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.AuthenticationFailed, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotAuthorized, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.InternalError, grpc.StatusCode.INTERNAL),
+)
 
 #: A status detail says what was wrong, not what was sent: messages quote at most a short
 #: excerpt of an input, and this cut is the last net for any that would quote more.
@@ -42,16 +67,18 @@ def bounded_detail(message: str) -> str:
     return text
 
 
-def status_for(error: errors.MeshcaError) -> grpc.StatusCode:
-    for kind, code in _STATUS_TABLE:
+def status_for(error: errors.MeshcaError, table: StatusTable = STATUS_TABLE) -> grpc.StatusCode:
+    for kind, code in table:
         if isinstance(error, kind):
             return code
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
+async def _abort(
+    context: grpc.aio.ServicerContext[Any, Any], error: BaseException, table: StatusTable
+) -> None:
     if isinstance(error, errors.MeshcaError) and not isinstance(error, errors.InternalError):
-        await context.abort(status_for(error), bounded_detail(error.message))
+        await context.abort(status_for(error, table), bounded_detail(error.message))
     # Internal failures get an opaque message; the log id ties it to the server log.
     log_id = uuid.uuid4().hex[:12]
     log.error(
@@ -61,7 +88,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
 
 
 def _wrap_unary(
-    behavior: Callable[[Any, Any], Awaitable[Any]], gate: CallGate | None
+    behavior: Callable[[Any, Any], Awaitable[Any]], gate: CallGate | None, table: StatusTable
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if gate is not None and not gate.admit():
@@ -71,7 +98,7 @@ def _wrap_unary(
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await _abort(context, error)
+            await _abort(context, error, table)
         finally:
             if gate is not None:
                 gate.release()
@@ -80,7 +107,7 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    behavior: Callable[[Any, Any], AsyncIterator[Any]], gate: CallGate | None
+    behavior: Callable[[Any, Any], AsyncIterator[Any]], gate: CallGate | None, table: StatusTable
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -96,7 +123,7 @@ def _wrap_stream(
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
-            await _abort(context, error)
+            await _abort(context, error, table)
         if gate is not None and gate.closed:
             # Ended by the drain, not by its own end: the client should reconnect.
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
@@ -104,8 +131,11 @@ def _wrap_stream(
     return wrapped
 
 
-def error_mapped(servicer: object, gate: CallGate | None = None) -> Any:
-    """An object with ``servicer``'s RPC methods, each turning a raised error into its status.
+def error_mapped(
+    servicer: object, gate: CallGate | None = None, table: StatusTable = STATUS_TABLE
+) -> Any:
+    """An object with ``servicer``'s RPC methods, each turning a raised error into its status
+    by ``table`` (the servicer's wire contract).
 
     With ``gate``, each method also comes through it: refused with UNAVAILABLE once it
     is closed, and counted (unary) or ended at the close (streams).
@@ -122,8 +152,8 @@ def error_mapped(servicer: object, gate: CallGate | None = None) -> Any:
             continue
         method = getattr(servicer, name)
         if inspect.isasyncgenfunction(method):
-            method = _wrap_stream(method, gate)
+            method = _wrap_stream(method, gate, table)
         elif inspect.iscoroutinefunction(method):
-            method = _wrap_unary(method, gate)
+            method = _wrap_unary(method, gate, table)
         setattr(mapped, name, method)
     return mapped
