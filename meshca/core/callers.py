@@ -110,7 +110,11 @@ CALLERS: tuple[CallerRow, ...] = (
     ),
     CallerRow(
         api="health",
-        methods=("grpc.health.v1.Health/Check", "grpc.health.v1.Health/Watch"),
+        methods=(
+            "grpc.health.v1.Health/Check",
+            "grpc.health.v1.Health/Watch",
+            "grpc.health.v1.Health/List",
+        ),
         access=Access.PUBLIC,
         credential="none",
         allowed="anyone (also plaintext on --health-listen)",
