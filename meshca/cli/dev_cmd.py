@@ -146,6 +146,19 @@ async def _serve_with_demo(settings: Settings, demo: bool) -> None:
         f"({'plaintext' if settings.plaintext else 'TLS'}), data in {settings.data_dir}/",
         flush=True,
     )
+    if worker.policy_port is not None:
+        print(
+            f"ext_authz and the policy API on {host}:{worker.policy_port} (mTLS: present an "
+            "SVID, e.g. from 'meshca dev request --out-dir')",
+            flush=True,
+        )
+    elif worker.authz is not None:
+        print(
+            f"ext_authz on {target} too, open to anyone who can reach it (dev keeps it on "
+            "its own port; --policy-listen HOST:PORT requires client SVIDs); the policy API "
+            f"takes the token in {settings.policy_token_file}",
+            flush=True,
+        )
     if demo:
         await asyncio.to_thread(
             request_certificate,
@@ -164,9 +177,12 @@ async def _serve_with_demo(settings: Settings, demo: bool) -> None:
         f"  meshca ca bundle --data-dir {settings.data_dir}\n"
         + (
             f"  meshca ca bundle --data-dir {settings.data_dir} > roots.pem && "
-            f"meshca policy status --server {target} --ca-file roots.pem "
+            f"meshca policy status --server {target} "
+            f"{'--plaintext' if settings.plaintext else '--ca-file roots.pem'} "
             f"--token-file {settings.policy_token_file}\n"
-            if worker.authz is not None and settings.policy_token_file is not None
+            if worker.authz is not None
+            and settings.policy_insecure_main_port
+            and settings.policy_token_file is not None
             else ""
         )
         + "Stop with Ctrl-C.",
