@@ -4,6 +4,7 @@ method meshca serves has a row."""
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 from google.protobuf import descriptor_pool
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from meshca.adapters.grpc.server import AUDIT_SERVICE_NAME, POLICY_SERVICE_NAMES, SERVICE_NAMES
+from meshca.config import Settings
 from meshca.core.callers import CALLERS, row_for
 
 DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
@@ -69,3 +71,14 @@ def test_every_served_method_has_a_row_and_every_grpc_row_is_served() -> None:
         row_for(method)
     in_table = {m for r in CALLERS for m in r.methods if "/" in m and " " not in m}
     assert in_table == served
+
+
+def test_every_setting_is_in_the_readme_settings_table() -> None:
+    readme = (DESIGN.parents[1] / "README.md").read_text()
+    documented = set()
+    for line in readme.splitlines():
+        # A row may name a setting in its first cell or, for a group, in its description.
+        if line.startswith("| `--"):
+            documented |= set(re.findall(r"`--([a-z0-9-]+)`", line))
+    flags = {f.name.replace("_", "-") for f in fields(Settings)}
+    assert flags - documented == set(), "settings without a README row"
