@@ -78,8 +78,9 @@ def _token_file(tmp_path: Path, name: str, token: str) -> Path:
     return path
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+async def full_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """Every API on: the policy port with an admin and a token, the audit API and port,
+    the bundle endpoint."""
     async for running in running_server(
         tmp_path,
         policy_dir=_policies(tmp_path),
@@ -91,6 +92,12 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         audit_listen="127.0.0.1:0",
         bundle_endpoint="127.0.0.1:0",
     ):
+        yield running
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    async for running in full_server(tmp_path):
         yield running
 
 

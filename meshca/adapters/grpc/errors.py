@@ -14,7 +14,7 @@ import grpc
 from meshca.adapters.grpc.gate import DRAINING, CallGate
 from meshca.core import errors
 
-__all__ = ["error_mapped", "status_for"]
+__all__ = ["MAX_DETAILS", "bounded", "error_mapped", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,18 @@ def status_for(error: errors.MeshcaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+#: The longest status message a caller gets: messages quote bad input, never at length.
+MAX_DETAILS = 1000
+
+
+def bounded(message: str) -> str:
+    """``message``, cut to ``MAX_DETAILS`` characters (marked with an ellipsis)."""
+    return message if len(message) <= MAX_DETAILS else message[: MAX_DETAILS - 1] + "\u2026"
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseException) -> None:
     if isinstance(error, errors.MeshcaError) and not isinstance(error, errors.InternalError):
-        await context.abort(status_for(error), error.message)
+        await context.abort(status_for(error), bounded(error.message))
     # Internal failures get an opaque message; the log id ties it to the server log.
     log_id = uuid.uuid4().hex[:12]
     log.error(
