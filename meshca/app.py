@@ -706,19 +706,21 @@ async def start_worker(
     leader = leader_lock(settings, engine)
     gate = CallGate()
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
-    access = policy_access(settings)
-    # The main port asks for no client certificate: ext_authz there is open (the flag
-    # says so); PolicyService still needs an admin's SVID (audit port) or the token.
-    main_guard = CallerGuard(
-        replace(access, callers=None), audit_log=audit, clock=clock, on_outcome=each(observers)
-    )
+    access = None if authz is None else policy_access(settings)
+    main_guard = None
+    if access is not None and settings.policy_insecure_main_port:
+        # The main port asks for no client certificate: ext_authz there is open (the
+        # flag says so); PolicyService still needs an admin's SVID (audit port) or token.
+        main_guard = CallerGuard(
+            replace(access, callers=None), audit_log=audit, clock=clock, on_outcome=each(observers)
+        )
     server, port, health = build_server(
         ca=ca,
         bundle=bundle,
         listen=listen or settings.listen,
         tls=tls,
         tls_updates=None if serving is None else serving.take_update,
-        authz=authz if settings.policy_insecure_main_port else None,
+        authz=authz if main_guard is not None else None,
         record_counters=record_counters,
         audit=audit_servicer,
         gate=gate,
@@ -736,7 +738,13 @@ async def start_worker(
             lambda: bundle.current().roots_pems,
         )
     policy_server, policy_port = None, None
-    if authz is not None and settings.policy_listen and serving is not None and tls is not None:
+    if (
+        authz is not None
+        and access is not None
+        and settings.policy_listen
+        and serving is not None
+        and tls is not None
+    ):
         policy_server, policy_port = build_policy_server(
             authz=authz,
             guard=CallerGuard(access, audit_log=audit, clock=clock, on_outcome=each(observers)),
@@ -887,6 +895,10 @@ async def run_worker(
     if worker.policy_port is not None:
         policy_host = (settings.policy_listen or "").rpartition(":")[0]
         log.info("ext_authz and the policy API on %s:%d (mTLS)", policy_host, worker.policy_port)
+    if worker.authz is not None and not (settings.policy_admin or settings.policy_token_file):
+        log.warning(
+            "the policy API refuses every caller: give --policy-admin or --policy-token-file"
+        )
     if worker.authz is not None and settings.policy_insecure_main_port:
         log.warning(
             "ext_authz is served on the main port %s:%d to anyone who can reach it "

@@ -305,17 +305,22 @@ def _status(args: argparse.Namespace) -> int:
     from meshca.adapters.grpc._gen.meshca.v1 import policy_pb2, policy_pb2_grpc
 
     metadata = []
-    if args.token_file:
-        metadata.append(("authorization", f"Bearer {Path(args.token_file).read_text().strip()}"))
-    if args.plaintext:
-        channel = grpc.insecure_channel(args.server)
-    else:
+    try:
+        if args.token_file:
+            token = Path(args.token_file).read_text().strip()
+            metadata.append(("authorization", f"Bearer {token}"))
         roots = Path(args.ca_file).read_bytes() if args.ca_file else None
         client = (
             (Path(args.key).read_bytes(), Path(args.cert).read_bytes())
             if args.cert and args.key
             else (None, None)
         )
+    except OSError as error:
+        print(f"meshca: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.plaintext:
+        channel = grpc.insecure_channel(args.server)
+    else:
         channel = grpc.secure_channel(
             args.server,
             grpc.ssl_channel_credentials(roots, *client),
