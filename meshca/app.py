@@ -17,7 +17,7 @@ import shutil
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from ipaddress import ip_address
 from pathlib import Path
@@ -37,6 +37,7 @@ from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.gate import CallGate
 from meshca.adapters.grpc.linkerd_servicer import SERVICE_NAME as LINKERD_SERVICE_NAME
+from meshca.adapters.grpc.policy_port import build_policy_server
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
     POLICY_SERVICE_NAMES,
@@ -99,6 +100,7 @@ from meshca.core.readiness import Readiness
 from meshca.core.shutdown import DrainBudget, Shutdown
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
+from meshca.service.access import CallerGuard, PolicyAccess
 from meshca.service.attestation_cache import CachingAttestor
 from meshca.service.audit import AuditAccess, AuditService, LogMaintenance
 from meshca.service.authority import AuthorityService
@@ -313,6 +315,7 @@ def build_audit(
 def prepare(settings: Settings) -> None:
     """Everything that must happen once, before any worker starts: schema, CA journal."""
     settings.check_attestation()
+    settings.check_policy_exposure()
     TrustDomain.parse(settings.trust_domain)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # CA keys and the issuance record live here: only meshca's user may look inside.
@@ -417,6 +420,8 @@ class Worker:
     metrics_server: MetricsServer | None = None
     health: grpc_health.aio.HealthServicer | None = None
     gate: CallGate = field(default_factory=CallGate)
+    policy_server: grpc.aio.Server | None = None
+    policy_port: int | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain within ``grace`` seconds: health first, then calls, then the rest.
@@ -441,6 +446,8 @@ class Worker:
                 budget.calls,
             )
         await self.server.stop(0)
+        if self.policy_server is not None:
+            await self.policy_server.stop(0)
         loop = asyncio.get_running_loop()
         cleanup_until = loop.time() + budget.cleanup
         self.stopping.set()
@@ -473,6 +480,8 @@ class Worker:
     async def cut_short(self) -> None:
         """Abort the calls still in flight now (a repeated stop signal)."""
         await self.server.stop(None)
+        if self.policy_server is not None:
+            await self.policy_server.stop(None)
 
 
 class ServingCertificate:
@@ -635,6 +644,23 @@ async def build_authz(
     return authz, decisions
 
 
+def policy_access(settings: Settings) -> PolicyAccess:
+    """Who may call ext_authz (on the policy port) and PolicyService, from ``settings``."""
+    token = None
+    if settings.policy_token_file is not None:
+        try:
+            token = settings.policy_token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read policy-token-file {settings.policy_token_file}: {error.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(f"policy-token-file {settings.policy_token_file} is empty")
+    return PolicyAccess(
+        callers=settings.policy_callers(), admins=frozenset(settings.policy_admin), token=token
+    )
+
+
 async def start_worker(
     settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
 ) -> Worker:
@@ -704,17 +730,27 @@ async def start_worker(
     leader = leader_lock(settings, engine)
     gate = CallGate()
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
+    access = None if authz is None else policy_access(settings)
+    main_guard = None
+    if access is not None and settings.policy_insecure_main_port:
+        # The main port asks for no client certificate: ext_authz there is open (the
+        # flag says so); PolicyService still needs an admin's SVID (audit port) or token.
+        main_guard = CallerGuard(
+            replace(access, callers=None), audit_log=audit, clock=clock, on_outcome=each(observers)
+        )
     server, port, health = build_server(
         ca=ca,
         bundle=bundle,
         listen=listen or settings.listen,
         tls=tls,
         tls_updates=None if serving is None else serving.take_update,
-        authz=authz,
+        authz=authz if main_guard is not None else None,
         record_counters=record_counters,
         audit=audit_servicer,
         gate=gate,
         limits=limits,
+        policy_guard=main_guard,
+        reflection_on=not settings.no_reflection,
         linkerd=settings.linkerd_certify,
     )
     audit_port = None
@@ -726,7 +762,30 @@ async def start_worker(
             lambda: serving.tls or tls,
             lambda: bundle.current().roots_pems,
         )
+    policy_server, policy_port = None, None
+    if (
+        authz is not None
+        and access is not None
+        and settings.policy_listen
+        and serving is not None
+        and tls is not None
+    ):
+        policy_server, policy_port = build_policy_server(
+            authz=authz,
+            guard=CallerGuard(access, audit_log=audit, clock=clock, on_outcome=each(observers)),
+            listen=settings.policy_listen,
+            # Read at each handshake: the certificate as renewed, the roots as rotated.
+            tls=lambda: serving.tls or tls,
+            client_roots=lambda: bundle.current().roots_pems,
+            health_servicer=health,
+            record_counters=record_counters,
+            gate=gate,
+            limits=limits,
+            reflection_on=not settings.no_reflection,
+        )
     await server.start()
+    if policy_server is not None:
+        await policy_server.start()
     if authz is not None:
         for name in POLICY_SERVICE_NAMES:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -828,6 +887,8 @@ async def start_worker(
         metrics_server=metrics_server,
         health=health,
         gate=gate,
+        policy_server=policy_server,
+        policy_port=policy_port,
     )
 
 
@@ -857,6 +918,20 @@ async def run_worker(
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
     log.info("serving on %s:%d (%s)", host, worker.port, mode)
+    if worker.policy_port is not None:
+        policy_host = (settings.policy_listen or "").rpartition(":")[0]
+        log.info("ext_authz and the policy API on %s:%d (mTLS)", policy_host, worker.policy_port)
+    if worker.authz is not None and not (settings.policy_admin or settings.policy_token_file):
+        log.warning(
+            "the policy API refuses every caller: give --policy-admin or --policy-token-file"
+        )
+    if worker.authz is not None and settings.policy_insecure_main_port:
+        log.warning(
+            "ext_authz is served on the main port %s:%d to anyone who can reach it "
+            "(--policy-insecure-main-port); use --policy-listen to require client SVIDs",
+            host,
+            worker.port,
+        )
     if settings.health_listen is not None:
         health_host = settings.health_listen.rpartition(":")[0]
         log.info("health on %s:%d (plaintext, health only)", health_host, worker.health_port)

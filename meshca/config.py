@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from meshca.adapters.k8s.token_review import in_cluster_defaults
+from meshca.core.callers import SpiffePatterns
 from meshca.core.errors import InvalidSpiffeId
 from meshca.core.linkerd import check_linkerd_domain
 from meshca.core.rotation import RotationPolicy
@@ -106,6 +107,12 @@ class Settings:
     policy_default: str = "deny"
     policy_poll_interval: timedelta = timedelta(seconds=5)
     decision_sample_rate: float = 1.0
+    policy_listen: str | None = None
+    policy_insecure_main_port: bool = False
+    policy_caller: tuple[str, ...] = ()
+    policy_admin: tuple[str, ...] = ()
+    policy_token_file: Path | None = None
+    no_reflection: bool = False
     auditor: tuple[str, ...] = ()
     audit_token_file: Path | None = None
     audit_listen: str | None = None
@@ -156,6 +163,7 @@ class Settings:
                 SpiffeId.parse(auditor)
             except InvalidSpiffeId as exc:
                 raise ConfigError(f"auditor: {exc}") from None
+        self._check_policy_access()
         if self.audit_listen is not None and ":" not in self.audit_listen:
             raise ConfigError("audit-listen must be HOST:PORT")
         if self.health_listen is not None and ":" not in self.health_listen:
@@ -182,6 +190,49 @@ class Settings:
             raise ConfigError(
                 f"linkerd-audience and k8s-audience must differ; both have {', '.join(shared)}"
             )
+
+    def _check_policy_access(self) -> None:
+        if self.policy_listen is not None and ":" not in self.policy_listen:
+            raise ConfigError("policy-listen must be HOST:PORT")
+        if self.policy_listen and self.plaintext:
+            raise ConfigError("policy-listen is mTLS: it cannot be used with --plaintext")
+        if self.policy_listen and self.policy_insecure_main_port:
+            raise ConfigError(
+                "give --policy-listen or --policy-insecure-main-port, not both: with "
+                "--policy-listen the policy services are served only there"
+            )
+        if self.policy_listen and self.policy_dir is None:
+            raise ConfigError("policy-listen serves the policies of --policy-dir: give it too")
+        try:
+            self.policy_callers()
+        except InvalidSpiffeId as exc:
+            raise ConfigError(f"policy-caller: {exc}") from None
+        for admin in self.policy_admin:
+            try:
+                SpiffeId.parse(admin)
+            except InvalidSpiffeId as exc:
+                raise ConfigError(f"policy-admin: {exc}") from None
+
+    def policy_callers(self) -> SpiffePatterns:
+        """Who may call ext_authz on the policy port: ``--policy-caller``, or by default
+        any SVID of our trust domain."""
+        written = self.policy_caller or (f"spiffe://{TrustDomain.parse(self.trust_domain).name}/*",)
+        return SpiffePatterns.parse(written)
+
+    def check_policy_exposure(self) -> None:
+        """Raise ConfigError when ``--policy-dir`` would open the policy set on the main port.
+
+        The main port takes proxies without client certificates, so ext_authz there
+        answers anyone who can reach it; that takes ``--policy-insecure-main-port``.
+        """
+        if self.policy_dir is None or self.policy_listen or self.policy_insecure_main_port:
+            return
+        raise ConfigError(
+            "--policy-dir needs --policy-listen HOST:PORT: Envoy's ext_authz and the policy "
+            "API are served there, to callers with a client SVID (mTLS). To serve them on "
+            "the main port instead, where anyone who can reach it may ask ext_authz, give "
+            "--policy-insecure-main-port"
+        )
 
     def rotation_policy(self) -> RotationPolicy:
         """The CA lifetimes as core values; unset delays take their documented defaults."""

@@ -63,6 +63,17 @@ HELP = {
     "(default deny)",
     "policy_poll_interval": "how often the policy directory is checked for changes (default 5s)",
     "decision_sample_rate": "share of allowed decisions recorded, 0..1 (denied: all; default 1)",
+    "policy_listen": "HOST:PORT serving Envoy ext_authz and the policy API to callers with a "
+    "client SVID (mTLS required); with --policy-dir they are served only there",
+    "policy_insecure_main_port": "serve ext_authz and the policy API on the main port instead "
+    "of --policy-listen: anyone who can reach it may ask ext_authz (the policy API still "
+    "needs --policy-admin or --policy-token-file)",
+    "policy_caller": "SPIFFE ID pattern allowed to call ext_authz on --policy-listen "
+    "(exact, prefix*, *suffix or *); repeat (default: spiffe://<trust-domain>/*)",
+    "policy_admin": "SPIFFE ID allowed to use the policy API (Check, Explain, Status) with its "
+    "client SVID; repeat",
+    "policy_token_file": "file holding a bearer token that grants the policy API (for tools)",
+    "no_reflection": "do not serve gRPC server reflection",
     "auditor": "SPIFFE ID allowed to use the audit API over mTLS (--audit-listen); repeat",
     "audit_token_file": "file holding a bearer token that grants the audit API (for tools)",
     "audit_listen": "HOST:PORT where auditors connect with a client SVID (mTLS required)",

@@ -59,6 +59,10 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         audit_token_file=token_file,
         auditor=("spiffe://example.org/ns/audit/sa/auditor",),
         policy_dir=policy_dir,
+        # The policy services on the main port: this sweep reaches them without an SVID
+        # (test_error_details_by_caller covers the policy port).
+        policy_insecure_main_port=True,
+        policy_token_file=token_file,
         linkerd_certify=True,
     ):
         yield running
