@@ -78,13 +78,12 @@ class CallGate:
     async def until_closed(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """``items`` until the gate closes; then the inner iterator is closed."""
         closed = asyncio.ensure_future(self._closed.wait())
+        following: asyncio.Future[T] | None = None
         try:
             while True:
                 following = asyncio.ensure_future(anext(items))
                 await asyncio.wait((following, closed), return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
-                    following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
                     return
                 try:
                     item = following.result()
@@ -93,6 +92,12 @@ class CallGate:
                 yield item
         finally:
             closed.cancel()
+            # The pending step must end before the iterator is closed: on a drain, and
+            # when the client cancels the call while we wait (the CancelledError lands
+            # here), aclose() on an iterator still running raises RuntimeError.
+            if following is not None and not following.done():
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
             aclose = getattr(items, "aclose", None)
             if aclose is not None:
                 await aclose()
