@@ -94,6 +94,7 @@ from meshca.core.csr import CsrRequest
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
+from meshca.core.rate_limit import RateLimiter
 from meshca.core.readiness import Readiness
 from meshca.core.shutdown import DrainBudget, Shutdown
 from meshca.core.spiffe import TrustDomain
@@ -615,6 +616,12 @@ async def build_authz(
     return authz, decisions
 
 
+def issuance_limiter(settings: Settings) -> RateLimiter | None:
+    """``--issuance-rate``, counted in this worker process (see docs/operations.md)."""
+    rate = settings.issuance_rate_limit()
+    return None if rate is None else RateLimiter(rate)
+
+
 async def start_worker(
     settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
 ) -> Worker:
@@ -665,6 +672,7 @@ async def start_worker(
         # in microseconds, and a worker process owns its core anyway.
         offload=offload if settings.vault_transit else None,
         on_outcome=each(observers),
+        rate_limiter=issuance_limiter(settings),
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)

@@ -79,6 +79,9 @@ HELP = {
     "before the server exits; a second signal cuts it short (default 10s)",
     "connection_idle_timeout": "close a client connection with no call open for this long "
     "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
+    "issuance_rate": "most certificates one pod (or one token bound to no pod) gets, as "
+    "COUNT/PERIOD, e.g. 30/1m; counted per worker process, so a caller spread over "
+    "every worker can get --workers times COUNT (default off; see docs/operations.md)",
 }
 
 

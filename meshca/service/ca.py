@@ -1,4 +1,4 @@
-"""The signing use case: attest -> authorize -> issue -> validate -> record -> release.
+"""The signing use case: attest -> limit -> authorize -> issue -> validate -> record -> release.
 
 Every request, issued or refused, leaves one ``AuditRecord``. A certificate is returned
 only after its record is durably committed; if the record cannot be written, the caller
@@ -26,16 +26,24 @@ from meshca.core.errors import (
     AuthenticationFailed,
     InternalError,
     MeshcaError,
+    RateLimited,
     RequestTooLarge,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
 from meshca.core.leaf_der import certificate_pem
 from meshca.core.ports import Attestor, AuditLog, Clock, OutcomeObserver
+from meshca.core.rate_limit import RateLimiter
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 
-__all__ = ["MAX_TOKEN_BYTES", "CertificateService", "SignRequest", "SignedCertificate"]
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "CertificateService",
+    "SignRequest",
+    "SignedCertificate",
+    "rate_limit_key",
+]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,7 @@ class CertificateService:
         new_serial: Callable[[], int],
         offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         on_outcome: OutcomeObserver | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
@@ -122,6 +131,8 @@ class CertificateService:
         # signs in the caller, as a local key takes microseconds and a worker owns a core.
         self._offload = offload
         self._on_outcome = on_outcome
+        # ``--issuance-rate``: None (the default) costs one comparison per request.
+        self._limiter = rate_limiter
 
     async def sign(self, request: SignRequest) -> SignedCertificate:
         now = self._clock.now()
@@ -131,6 +142,9 @@ class CertificateService:
             context.identity = identity
             spiffe_id = spiffe_id_for(identity, self._trust_domain)
             context.spiffe_id = spiffe_id
+            if self._limiter is not None:
+                # After attestation, so that the key is one the cluster vouched for.
+                self._limit(request, identity, now)
             authority = self._authority()
             serial = self._new_serial()
             if self._offload is None:
@@ -195,6 +209,19 @@ class CertificateService:
             )
         return await self._attestor.attest(token)
 
+    def _limit(self, request: SignRequest, identity: KubernetesIdentity, now: datetime) -> None:
+        assert self._limiter is not None
+        key = rate_limit_key(identity, request.token or "")
+        wait = self._limiter.admit(key, now)
+        if wait is None:
+            return
+        who = f"pod {identity.pod_uid}" if identity.pod_uid else "this token (bound to no pod)"
+        raise RateLimited(
+            f"issuance rate limit: {who} may get {self._limiter.rate} certificates; "
+            f"retry in {max(wait.total_seconds(), 0.001):.3g}s",
+            retry_after=wait,
+        )
+
     def _issue(
         self,
         request: SignRequest,
@@ -241,6 +268,18 @@ class CertificateService:
             self._on_outcome(record, self._clock.now() - started)
         except Exception:
             log.exception("an outcome observer failed")
+
+
+def rate_limit_key(identity: KubernetesIdentity, token: str) -> str:
+    """Whom ``--issuance-rate`` counts: the pod the token is bound to, else the token.
+
+    Never the SPIFFE ID: a Deployment's pods share one service account and start
+    together. A token bound to no pod is counted as itself (by digest; the token is not
+    kept), so a leaked one is limited however many connections replay it.
+    """
+    if identity.pod_uid:
+        return "pod:" + identity.pod_uid
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _withheld(issued: AuditRecord, error: MeshcaError) -> AuditRecord:

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 _STATUS_TABLE: tuple[tuple[type[errors.MeshcaError], grpc.StatusCode], ...] = (
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotAuthorized, grpc.StatusCode.PERMISSION_DENIED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
