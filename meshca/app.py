@@ -36,6 +36,12 @@ from meshca.adapters.clock import SystemClock
 from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.limits import (
+    DEFAULT_API_CAPS,
+    ApiCaps,
+    CallLimits,
+    record_ca_refusals,
+)
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
     POLICY_SERVICE_NAMES,
@@ -623,12 +629,16 @@ def issuance_limiter(settings: Settings) -> RateLimiter | None:
 
 
 async def start_worker(
-    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+    settings: Settings,
+    listen: str | None = None,
+    record_writer: socket.socket | None = None,
+    api_caps: ApiCaps = DEFAULT_API_CAPS,
 ) -> Worker:
     """Build every part from ``settings`` and start serving; returns once listening.
 
     With ``record_writer`` (a worker of ``serve``), issuance records go to the host's
-    writer over that socket; without, this process writes them itself.
+    writer over that socket; without, this process writes them itself. ``api_caps``
+    are the per-API caps (``limits.ApiCaps``: fixed figures; tests tighten them).
     """
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
@@ -686,7 +696,7 @@ async def start_worker(
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
     leader = leader_lock(settings, engine)
-    gate = CallGate()
+    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca)))
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
     server, port, health = build_server(
         ca=ca,

@@ -193,6 +193,12 @@ class CertificateService:
             authority=authority,
         )
 
+    async def record_refusal(self, api: str, peer: str | None, error: MeshcaError) -> None:
+        """Record a refusal decided before the request reached this service (a per-API
+        cap at the door): no identity is known, and the caller gets ``error``."""
+        request = SignRequest(token=None, csr=b"", requested_ttl=None, api=api, peer=peer)
+        await self._record_refusal(request, self._clock.now(), _RefusalContext(), error)
+
     async def _attest(self, request: SignRequest) -> KubernetesIdentity:
         if request.token_problem is not None:
             raise request.token_problem

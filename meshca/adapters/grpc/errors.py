@@ -7,12 +7,15 @@ import logging
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from meshca.adapters.grpc.gate import DRAINING, CallGate
 from meshca.core import errors
+
+if TYPE_CHECKING:
+    from meshca.adapters.grpc.limits import MethodCap
 
 __all__ = ["error_mapped", "status_for"]
 
@@ -47,14 +50,31 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: BaseExcepti
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (log id {log_id})")
 
 
+async def _refuse(cap: MethodCap, context: Any, refusal: errors.MeshcaError) -> None:
+    """Record ``refusal`` where the API records refusals, then raise it."""
+    try:
+        await cap.refused(context, refusal)
+    except Exception:
+        log.exception("a refusal over a per-API cap was not recorded")
+    raise refusal
+
+
 def _wrap_unary(
-    behavior: Callable[[Any, Any], Awaitable[Any]], gate: CallGate | None
+    behavior: Callable[[Any, Any], Awaitable[Any]], gate: CallGate | None, cap: MethodCap | None
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if gate is not None and not gate.admit():
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         try:
-            return await behavior(request, context)
+            if cap is None:
+                return await behavior(request, context)
+            refusal = cap.enter(request)
+            if refusal is not None:
+                await _refuse(cap, context, refusal)
+            try:
+                return await behavior(request, context)
+            finally:
+                cap.leave()
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
@@ -67,14 +87,22 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    behavior: Callable[[Any, Any], AsyncIterator[Any]], gate: CallGate | None
+    behavior: Callable[[Any, Any], AsyncIterator[Any]],
+    gate: CallGate | None,
+    cap: MethodCap | None,
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         if gate is not None and not gate.admit_stream():
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        entered = False
         try:
+            if cap is not None:
+                refusal = cap.enter(request)
+                if refusal is not None:
+                    await _refuse(cap, context, refusal)
+                entered = True
             items = behavior(request, context)
             if gate is not None:
                 items = gate.until_closed(items)
@@ -84,6 +112,9 @@ def _wrap_stream(
             if isinstance(error, grpc.aio.AbortError):
                 raise
             await _abort(context, error)
+        finally:
+            if entered and cap is not None:
+                cap.leave()
         if gate is not None and gate.closed:
             # Ended by the drain, not by its own end: the client should reconnect.
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
@@ -95,7 +126,9 @@ def error_mapped(servicer: object, gate: CallGate | None = None) -> Any:
     """An object with ``servicer``'s RPC methods, each turning a raised error into its status.
 
     With ``gate``, each method also comes through it: refused with UNAVAILABLE once it
-    is closed, and counted (unary) or ended at the close (streams).
+    is closed, and counted (unary) or ended at the close (streams). With the gate's
+    ``limits``, each call then meets its API's cap (``limits.ApiCaps``): over it, the
+    refusal (RESOURCE_EXHAUSTED) is recorded by the API's recorder and nothing runs.
 
     Pass it to the generated ``add_..._to_server``, which only looks the methods up. The
     wrapping happens once, at registration: an interceptor would wrap the handler again
@@ -104,13 +137,15 @@ def error_mapped(servicer: object, gate: CallGate | None = None) -> Any:
     generated base class's UNIMPLEMENTED default, is passed through as it is.
     """
     mapped = types.SimpleNamespace()
+    limits = None if gate is None else gate.limits
     for name in dir(servicer):
         if name.startswith("_"):
             continue
         method = getattr(servicer, name)
+        cap = None if limits is None else limits.cap_for(servicer, name)
         if inspect.isasyncgenfunction(method):
-            method = _wrap_stream(method, gate)
+            method = _wrap_stream(method, gate, cap)
         elif inspect.iscoroutinefunction(method):
-            method = _wrap_unary(method, gate)
+            method = _wrap_unary(method, gate, cap)
         setattr(mapped, name, method)
     return mapped
