@@ -147,7 +147,7 @@ class MethodCap:
         self._count.in_flight -= 1
 
     async def refused(self, context: Any, error: MeshcaError) -> None:
-        """Tell the API's recorder, if it has one; a failing recorder is not the caller's."""
+        """Tell the API's recorder of ``error``, if it has one."""
         if self._on_refusal is not None:
             await self._on_refusal(self._api, self._method, context, error)
 
@@ -159,7 +159,7 @@ class CallLimits:
 
     caps: ApiCaps = DEFAULT_API_CAPS
     on_refusal: RefusalHook | None = None
-    _counts: dict[str, _Count] = field(default_factory=dict)
+    _counts: dict[str, _Count] = field(default_factory=dict, init=False, repr=False)
 
     def cap_for(self, servicer: object, method: str) -> MethodCap | None:
         api = api_of(servicer, method)
