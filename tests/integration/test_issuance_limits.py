@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -19,6 +20,7 @@ from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.engine import make_engine
 from meshca.core.audit import AuditRecord
 from tests.core.builders import csr_der, csr_pem
+from tests.fixtures_k8s import K8sApiStandIn
 from tests.integration.serve_process import launch
 from tests.integration.server_harness import (
     RunningServer,
@@ -191,3 +193,57 @@ async def test_across_workers_a_replayed_token_gets_at_most_workers_times_the_ra
     issued = codes.count(grpc.StatusCode.OK)
     assert 3 < issued <= 2 * 3, (codes, server.log())
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 40 - issued
+
+
+def _k8s_pod(api: K8sApiStandIn, service_account: str, pod_uid: str | None) -> str:
+    """A token from the API stand-in, bound to ``pod_uid`` (None: to no pod)."""
+    if pod_uid is None:
+        return api.minter.token(service_account=service_account, pod=False)
+    return api.minter.token(
+        **{
+            "kubernetes.io": {
+                "namespace": "shop",
+                "serviceaccount": {"name": service_account, "uid": f"uid-sa-{service_account}"},
+                "pod": {"name": f"{service_account}-{pod_uid}", "uid": pod_uid},
+                "node": {"name": "node-a", "uid": "uid-node-a"},
+            }
+        },
+        service_account=service_account,
+    )
+
+
+async def test_tokenreview_counts_by_the_pod_the_api_server_names(
+    tmp_path: Path, k8s_api_tls: K8sApiStandIn
+) -> None:
+    """In tokenreview mode (the default) the pod UID comes from the review's
+    ``authentication.kubernetes.io/pod-uid``: the same counting as jwks mode."""
+    api = k8s_api_tls
+    api.clock._now = datetime.now(UTC).replace(microsecond=0)
+    cart = "spiffe://example.org/ns/shop/sa/cart"
+    async for server in running_server(
+        tmp_path,
+        issuance_rate="2/1m",
+        k8s_mode="tokenreview",
+        k8s_issuer=None,
+        k8s_jwks_file=None,
+        k8s_api_server=api.url,
+        k8s_ca_file=Path(api.ca_file or ""),
+        k8s_token_file=api.caller_token_file,
+    ):
+        async with server.channel() as channel:
+
+            async def ask(token: str, times: int) -> str:
+                codes = [await _sign(channel, token, cart) for _ in range(times)]
+                return "".join("i" if c is grpc.StatusCode.OK else "r" for c in codes)
+
+            assert await ask(_k8s_pod(api, "cart", "pod-a"), 3) == "iir"
+            assert await ask(_k8s_pod(api, "cart", "pod-a"), 1) == "r"  # same pod, new token
+            assert await ask(_k8s_pod(api, "cart", "pod-b"), 2) == "ii"  # same SA, other pod
+            no_pod = _k8s_pod(api, "cart", None)
+            assert await ask(no_pod, 3) == "iir"  # a token bound to no pod: by itself
+            assert await ask(_k8s_pod(api, "cart", None), 1) == "i"
+        records = [r for r in await _records(server) if r.api.startswith("istio")]
+    limited = [(r.pod_uid, r.spiffe_id) for r in records if r.reason == "rate-limited"]
+    assert sorted(limited, key=str) == sorted(
+        [("pod-a", cart), ("pod-a", cart), (None, cart)], key=str
+    )
