@@ -81,7 +81,7 @@ HELP = {
     "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
     "issuance_rate": "most certificates one pod (or one token bound to no pod) gets, as "
     "COUNT/PERIOD, e.g. 30/1m; counted per worker process, so a caller spread over "
-    "every worker can get --workers times COUNT (default off; see docs/operations.md)",
+    "every worker can get --workers times the rate (default off; see docs/operations.md)",
 }
 
 
