@@ -77,6 +77,7 @@ from meshca.adapters.metrics import (
 )
 from meshca.adapters.open_files import connection_cap, raise_open_files_limit
 from meshca.adapters.policy_files import DirectoryPolicySource
+from meshca.adapters.shared_rate import SharedRateLimiter, create_rate_table
 from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
@@ -622,10 +623,15 @@ async def build_authz(
     return authz, decisions
 
 
-def issuance_limiter(settings: Settings) -> RateLimiter | None:
-    """``--issuance-rate``, counted in this worker process (see docs/operations.md)."""
+def issuance_limiter(
+    settings: Settings, rate_table: Path | None = None
+) -> RateLimiter | SharedRateLimiter | None:
+    """``--issuance-rate``: counted in ``rate_table`` with the host's other workers (a
+    worker of ``serve``), else in this process (see docs/operations.md)."""
     rate = settings.issuance_rate_limit()
-    return None if rate is None else RateLimiter(rate)
+    if rate is None:
+        return None
+    return RateLimiter(rate) if rate_table is None else SharedRateLimiter(rate_table, rate)
 
 
 async def start_worker(
@@ -633,12 +639,14 @@ async def start_worker(
     listen: str | None = None,
     record_writer: socket.socket | None = None,
     api_caps: ApiCaps = DEFAULT_API_CAPS,
+    rate_table: Path | None = None,
 ) -> Worker:
     """Build every part from ``settings`` and start serving; returns once listening.
 
     With ``record_writer`` (a worker of ``serve``), issuance records go to the host's
     writer over that socket; without, this process writes them itself. ``api_caps``
     are the per-API caps (``limits.ApiCaps``: fixed figures; tests tighten them).
+    ``rate_table``: the host's shared ``--issuance-rate`` table (``serve`` makes it).
     """
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
@@ -682,7 +690,7 @@ async def start_worker(
         # in microseconds, and a worker process owns its core anyway.
         offload=offload if settings.vault_transit else None,
         on_outcome=each(observers),
-        rate_limiter=issuance_limiter(settings),
+        rate_limiter=issuance_limiter(settings, rate_table),
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
@@ -837,7 +845,10 @@ def read_database_state(engine: Engine) -> DatabaseState:
 
 
 async def run_worker(
-    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+    settings: Settings,
+    listen: str | None = None,
+    record_writer: socket.socket | None = None,
+    rate_table: Path | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, or until the record writer (``serve``'s supervisor)
     is gone, then drain within ``--shutdown-grace``.
@@ -845,7 +856,7 @@ async def run_worker(
     A worker of ``serve`` ignores repeated signals: its supervisor forwards each stop
     and bounds the drain, killing a worker still alive at the grace's end.
     """
-    worker = await start_worker(settings, listen, record_writer)
+    worker = await start_worker(settings, listen, record_writer, rate_table=rate_table)
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
     log.info("serving on %s:%d (%s)", host, worker.port, mode)
@@ -903,11 +914,13 @@ async def serve_until_stopped(
     log.info("drained in %.2fs", asyncio.get_running_loop().time() - started)
 
 
-def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
+def _worker_main(
+    settings: Settings, rate_table: Path | None, listen: str, record_writer: socket.socket
+) -> None:
     configure_logging(settings)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_worker(settings, listen, record_writer))
+            asyncio.run(run_worker(settings, listen, record_writer, rate_table))
     except Exception:
         # Logged, not left to multiprocessing: its traceback would bypass --log-format.
         log.exception("worker failed")
@@ -934,10 +947,16 @@ def serve(settings: Settings) -> int:
     with contextlib.ExitStack() as cleanup:
         if settings.metrics_listen is not None:
             cleanup.enter_context(_served_metrics(settings))
+        rate_table = None
+        rate = settings.issuance_rate_limit()
+        if rate is not None:
+            # One count per host: every worker admits under the same table.
+            rate_table = create_rate_table(settings.data_dir, rate)
+            cleanup.callback(rate_table.unlink, missing_ok=True)
         pool = WorkerPool(
             settings.workers,
             settings.listen,
-            target=functools.partial(_worker_main, settings),
+            target=functools.partial(_worker_main, settings, rate_table),
             writer=functools.partial(_host_writer, settings),
             grace=settings.shutdown_grace.total_seconds(),
         )

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["DEFAULT_MAX_KEYS", "IssuanceRate", "RateLimiter"]
+__all__ = ["DEFAULT_MAX_KEYS", "Gcra", "IssuanceRate", "RateLimiter"]
 
 #: Keys remembered at once. A key is one pod (or one pod-less token) that got a
 #: certificate within the last period: 100,000 is more pods than one CA replica serves,
@@ -54,8 +54,40 @@ class IssuanceRate:
         return f"{self.count}/{micros / 1_000_000:.6f}s"
 
 
+@dataclass(frozen=True, slots=True)
+class Gcra:
+    """The arithmetic of ``rate`` over one key's state, for whichever store holds it.
+
+    Times are whole microseconds times ``count``: then the interval (period / count)
+    is a whole number and no rounding can admit one more or one fewer. A key's state
+    is the (scaled) time at which its bucket is full again; None or a time already
+    past means full.
+    """
+
+    rate: IssuanceRate
+
+    @property
+    def interval(self) -> int:
+        return self.rate.period // _MICROSECOND
+
+    def at(self, now: datetime) -> int:
+        """``now`` (timezone-aware) on this scale."""
+        return (now - _EPOCH) // _MICROSECOND * self.rate.count
+
+    def take(self, full_at: int | None, at: int) -> tuple[int, timedelta | None]:
+        """Take one at ``at``: (the new state, None), or (the state unchanged, the wait)."""
+        interval = self.interval
+        start = at if full_at is None or full_at < at else full_at
+        # How far ahead of now the state may be and still admit one more: count - 1
+        # intervals, so that a full bucket holds ``count``.
+        over = start - at - interval * (self.rate.count - 1)
+        if over > 0:
+            return start, _MICROSECOND * -(-over // self.rate.count)
+        return start + interval, None
+
+
 class RateLimiter:
-    """Admits up to ``rate`` per key; remembers at most ``max_keys`` keys.
+    """Admits up to ``rate`` per key, in this process; remembers at most ``max_keys``.
 
     A key is forgotten once its bucket is full again (it then carries no information),
     so memory follows the callers active within the last period. If more than
@@ -65,18 +97,13 @@ class RateLimiter:
     leaked token.
     """
 
-    __slots__ = ("_count", "_full_at", "_interval", "_max_keys", "_tolerance", "rate")
+    __slots__ = ("_full_at", "_gcra", "_max_keys", "rate")
 
     def __init__(self, rate: IssuanceRate, max_keys: int = DEFAULT_MAX_KEYS) -> None:
         if max_keys < 1:
             raise ValueError("max_keys must be at least 1")
         self.rate = rate
-        # Times are kept in microseconds times ``count``: then the interval (period /
-        # count) is a whole number and no rounding can admit one more or one fewer.
-        self._count = rate.count
-        self._interval = rate.period // _MICROSECOND
-        # How far ahead of now a key's "full again" time may be and still admit one more.
-        self._tolerance = self._interval * (rate.count - 1)
+        self._gcra = Gcra(rate)
         self._max_keys = max_keys
         # key -> when its bucket is full again (scaled); least recently admitted first.
         self._full_at: OrderedDict[str, int] = OrderedDict()
@@ -87,13 +114,11 @@ class RateLimiter:
     def admit(self, key: str, now: datetime) -> timedelta | None:
         """Take one for ``key`` at ``now`` (timezone-aware): None if admitted, else how
         long until one is free. A refusal leaves the key's state as it was."""
-        at = (now - _EPOCH) // _MICROSECOND * self._count
-        full_at = self._full_at.get(key)
-        start = at if full_at is None or full_at < at else full_at
-        ahead = start - at
-        if ahead > self._tolerance:
-            return _MICROSECOND * -(-(ahead - self._tolerance) // self._count)
-        self._full_at[key] = start + self._interval
+        at = self._gcra.at(now)
+        full_at, wait = self._gcra.take(self._full_at.get(key), at)
+        if wait is not None:
+            return wait
+        self._full_at[key] = full_at
         self._full_at.move_to_end(key)
         self._forget(at)
         return None

@@ -32,8 +32,7 @@ from meshca.core.errors import (
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
 from meshca.core.leaf_der import certificate_pem
-from meshca.core.ports import Attestor, AuditLog, Clock, OutcomeObserver
-from meshca.core.rate_limit import RateLimiter
+from meshca.core.ports import Attestor, AuditLog, Clock, IssuanceLimiter, OutcomeObserver
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 
@@ -118,7 +117,7 @@ class CertificateService:
         new_serial: Callable[[], int],
         offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         on_outcome: OutcomeObserver | None = None,
-        rate_limiter: RateLimiter | None = None,
+        rate_limiter: IssuanceLimiter | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
