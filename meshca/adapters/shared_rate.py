@@ -7,11 +7,12 @@ in the data directory before it starts the workers, each worker maps it, and eve
 admission runs under an exclusive ``flock`` on it: a few microseconds, only while the
 limit is on.
 
-Layout: a header (magic, count, period in microseconds, slot count), then slots of
-(64-bit key digest, 128-bit "full again" time on ``Gcra``'s scale). A key lives in one
-of ``PROBES`` slots from its digest's home; a key not found takes an empty slot, or one
-whose bucket is full again, or else the one closest to full (forgiving that key the
-little it had left: gaining from it takes ``slots`` other attested pods at once).
+The file is ``issuance-rate-<supervisor pid>.table`` in the data directory. Layout: a
+header (magic, count, period in microseconds, slot count), then slots of (64-bit key
+digest, 128-bit "full again" time on ``Gcra``'s scale). A key lives in one of ``PROBES``
+slots from its digest's home; a key not found takes an empty slot, or one whose bucket
+is full again, or else the one closest to full (forgiving that key the little it had
+left: gaining from it takes ``slots`` other attested pods at once).
 
 A lock held by a worker that dies is released by the kernel with its file. The file is
 removed when the supervisor exits; counts do not outlive a restart.
@@ -39,22 +40,48 @@ PROBES = 8
 _MAGIC = b"meshcaR1"
 _HEADER = struct.Struct("<8sQQQ")
 _SLOT = struct.Struct("<Q16s")
-_FILE_NAME = "issuance-rate.table"
+_FILE_PREFIX = "issuance-rate-"
+_FILE_SUFFIX = ".table"
 
 
 def create_rate_table(directory: Path, rate: IssuanceRate, slots: int = DEFAULT_SLOTS) -> Path:
-    """Create (or reset) the table for ``rate`` in ``directory``; returns its path."""
+    """Create a fresh table for ``rate`` in ``directory``, named after this process;
+    returns its path. Tables left by processes no longer running are removed.
+
+    The file is written under a temporary name and renamed into place, so a process
+    still mapping an older file of that name never sees it shrink.
+    """
     if slots < PROBES:
         raise ValueError(f"a table needs at least {PROBES} slots")
-    path = directory / _FILE_NAME
+    _remove_stale(directory)
+    path = directory / f"{_FILE_PREFIX}{os.getpid()}{_FILE_SUFFIX}"
+    building = path.with_name(path.name + ".new")
     header = _HEADER.pack(_MAGIC, rate.count, rate.period // timedelta(microseconds=1), slots)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor = os.open(building, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(descriptor, _HEADER.size + slots * _SLOT.size)
         os.pwrite(descriptor, header, 0)
     finally:
         os.close(descriptor)
+    os.replace(building, path)
     return path
+
+
+def _remove_stale(directory: Path) -> None:
+    for stale in directory.glob(f"{_FILE_PREFIX}*{_FILE_SUFFIX}"):
+        pid = stale.name.removeprefix(_FILE_PREFIX).removesuffix(_FILE_SUFFIX)
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            stale.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class SharedRateLimiter:

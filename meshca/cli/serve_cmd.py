@@ -80,8 +80,8 @@ HELP = {
     "connection_idle_timeout": "close a client connection with no call open for this long "
     "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
     "issuance_rate": "most certificates one pod (or one token bound to no pod) gets, as "
-    "COUNT/PERIOD, e.g. 30/1m; counted per worker process, so a caller spread over "
-    "every worker can get --workers times the rate (default off; see docs/operations.md)",
+    "COUNT/PERIOD, e.g. 30/1m; counted once for all the workers (default off; see "
+    "docs/operations.md)",
 }
 
 

@@ -95,7 +95,8 @@ def test_a_full_table_forgives_the_key_closest_to_full(tmp_path: Path) -> None:
         assert limiter.admit("pod:0", T0 + timedelta(seconds=31)) is None
         # ...while the most recent keep theirs.
         assert limiter.admit(f"pod:{PROBES - 1}", T0 + timedelta(seconds=32)) is not None
-        assert (tmp_path / "issuance-rate.table").stat().st_size == 32 + PROBES * 24
+        [table] = tmp_path.glob("issuance-rate-*.table")
+        assert table.stat().st_size == 32 + PROBES * 24
     finally:
         limiter.close()
 
@@ -114,3 +115,24 @@ def test_refuses_a_file_that_is_not_its_table(tmp_path: Path) -> None:
 def test_odd_keys_are_hashed_not_refused(table: SharedRateLimiter) -> None:
     for key in ("", "\ud800", "x" * 100_000, "pod:\x00"):
         assert table.admit(key, T0) is None
+
+
+def test_a_new_table_replaces_this_process_s_and_removes_dead_ones(tmp_path: Path) -> None:
+    dead = tmp_path / "issuance-rate-999999999.table"
+    dead.write_bytes(b"left by a killed supervisor")
+    alive = tmp_path / "issuance-rate-1.table"  # pid 1 always runs
+    alive.write_bytes(b"another server's")
+    first = create_rate_table(tmp_path, RATE, slots=64)
+    old = SharedRateLimiter(first, RATE)
+    try:
+        for _ in range(RATE.count):
+            assert old.admit("pod:a", T0) is None
+        second = create_rate_table(tmp_path, RATE, slots=64)
+        assert second == first and not dead.exists() and alive.exists()
+        # The old mapping keeps its own (renamed-over) file: it neither breaks nor resets.
+        assert old.admit("pod:a", T0) is not None
+        fresh = SharedRateLimiter(second, RATE)
+        assert fresh.admit("pod:a", T0) is None
+        fresh.close()
+    finally:
+        old.close()

@@ -180,7 +180,9 @@ async def test_across_workers_a_replayed_token_gets_the_rate_once_per_host(
     command = serve_command(data_dir, jwks, workers=2, extra=extra)
     server = await asyncio.to_thread(launch, "meshca", data_dir, command, workers=2)
     try:
-        assert (data_dir / "issuance-rate.table").exists()
+        assert [p.name for p in data_dir.glob("issuance-rate-*.table")] == [
+            f"issuance-rate-{server.process.pid}.table"
+        ]
         token = minter.mint("default", "web")
 
         async def one_connection() -> grpc.StatusCode:
@@ -194,7 +196,7 @@ async def test_across_workers_a_replayed_token_gets_the_rate_once_per_host(
         await asyncio.to_thread(server.stop)
     assert codes.count(grpc.StatusCode.OK) == 3, (codes, server.log())
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 37
-    assert not (data_dir / "issuance-rate.table").exists()
+    assert not list(data_dir.glob("issuance-rate-*"))
     # Both workers answered (each logs its refusals under its own name): the count
     # was shared, not one worker's.
     refusing = {
