@@ -220,7 +220,9 @@ class CertificateService:
         wait = self._limiter.admit(key, now)
         if wait is None:
             return
-        who = f"pod {identity.pod_uid}" if identity.pod_uid else "this token (bound to no pod)"
+        # A pod UID is 36 characters; a token's claim could be longer, and is not echoed.
+        pod = identity.pod_uid
+        who = f"pod {pod[:80]}" if pod else "this token (bound to no pod)"
         raise RateLimited(
             f"issuance rate limit: {who} may get {self._limiter.rate} certificates; "
             f"retry in {max(wait.total_seconds(), 0.001):.3g}s",

@@ -19,6 +19,7 @@ POD_1 = KubernetesIdentity("default", "web", pod_name="web-1", pod_uid="uid-1")
 POD_2 = KubernetesIdentity("default", "web", pod_name="web-2", pod_uid="uid-2")
 OTHER = KubernetesIdentity("default", "api", pod_name="api-1", pod_uid="uid-3")
 NO_POD = KubernetesIdentity("default", "web")
+LONG_UID = KubernetesIdentity("default", "web", pod_uid="u" * 5000)
 TOKENS = {
     "pod-1": POD_1,
     "pod-1-again": POD_1,  # a second token bound to the same pod
@@ -26,6 +27,7 @@ TOKENS = {
     "other": OTHER,
     "no-pod-a": NO_POD,
     "no-pod-b": NO_POD,
+    "long-uid": LONG_UID,
 }
 
 
@@ -132,3 +134,12 @@ def test_keys_are_the_pod_or_a_digest_of_the_token() -> None:
     assert a != b and a.startswith("token:") and "tok-a" not in a
     # Odd input cannot break the key (surrogates are hashed, not refused here).
     assert rate_limit_key(NO_POD, "\ud800").startswith("token:")
+
+
+async def test_a_long_pod_uid_is_not_echoed_whole() -> None:
+    audit, clock = MemoryAuditLog(), FakeClock(NOW)
+    service = _service(audit, clock, IssuanceRate(1, timedelta(minutes=1)))
+    await service.sign(_request("long-uid"))
+    with pytest.raises(errors.RateLimited) as refused:
+        await service.sign(_request("long-uid"))
+    assert len(refused.value.message) < 250
