@@ -36,6 +36,12 @@ from meshca.adapters.clock import SystemClock
 from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.limits import (
+    DEFAULT_API_CAPS,
+    ApiCaps,
+    CallLimits,
+    record_ca_refusals,
+)
 from meshca.adapters.grpc.linkerd_servicer import SERVICE_NAME as LINKERD_SERVICE_NAME
 from meshca.adapters.grpc.policy_port import build_policy_server
 from meshca.adapters.grpc.server import (
@@ -73,6 +79,7 @@ from meshca.adapters.metrics import (
 )
 from meshca.adapters.open_files import connection_cap, raise_open_files_limit
 from meshca.adapters.policy_files import DirectoryPolicySource
+from meshca.adapters.shared_rate import SharedRateLimiter, create_rate_table
 from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
@@ -96,6 +103,7 @@ from meshca.core.csr import CsrRequest
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
+from meshca.core.rate_limit import RateLimiter
 from meshca.core.readiness import Readiness
 from meshca.core.shutdown import DrainBudget, Shutdown
 from meshca.core.spiffe import TrustDomain
@@ -661,13 +669,30 @@ def policy_access(settings: Settings) -> PolicyAccess:
     )
 
 
+def issuance_limiter(
+    settings: Settings, rate_table: Path | None = None
+) -> RateLimiter | SharedRateLimiter | None:
+    """``--issuance-rate``: counted in ``rate_table`` with the host's other workers (a
+    worker of ``serve``), else in this process (see docs/operations.md)."""
+    rate = settings.issuance_rate_limit()
+    if rate is None:
+        return None
+    return RateLimiter(rate) if rate_table is None else SharedRateLimiter(rate_table, rate)
+
+
 async def start_worker(
-    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+    settings: Settings,
+    listen: str | None = None,
+    record_writer: socket.socket | None = None,
+    api_caps: ApiCaps = DEFAULT_API_CAPS,
+    rate_table: Path | None = None,
 ) -> Worker:
     """Build every part from ``settings`` and start serving; returns once listening.
 
     With ``record_writer`` (a worker of ``serve``), issuance records go to the host's
-    writer over that socket; without, this process writes them itself.
+    writer over that socket; without, this process writes them itself. ``api_caps``
+    are the per-API caps (``limits.ApiCaps``: fixed figures; tests tighten them).
+    ``rate_table``: the host's shared ``--issuance-rate`` table (``serve`` makes it).
     """
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
@@ -715,6 +740,7 @@ async def start_worker(
         linkerd=None
         if linkerd_attestor is None
         else LinkerdDoor(linkerd_attestor, settings.linkerd_identity_domain),
+        rate_limiter=issuance_limiter(settings, rate_table),
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
@@ -728,7 +754,7 @@ async def start_worker(
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
     leader = leader_lock(settings, engine)
-    gate = CallGate()
+    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca)))
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
     access = None if authz is None else policy_access(settings)
     main_guard = None
@@ -906,7 +932,10 @@ def read_database_state(engine: Engine) -> DatabaseState:
 
 
 async def run_worker(
-    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+    settings: Settings,
+    listen: str | None = None,
+    record_writer: socket.socket | None = None,
+    rate_table: Path | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, or until the record writer (``serve``'s supervisor)
     is gone, then drain within ``--shutdown-grace``.
@@ -914,7 +943,7 @@ async def run_worker(
     A worker of ``serve`` ignores repeated signals: its supervisor forwards each stop
     and bounds the drain, killing a worker still alive at the grace's end.
     """
-    worker = await start_worker(settings, listen, record_writer)
+    worker = await start_worker(settings, listen, record_writer, rate_table=rate_table)
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
     log.info("serving on %s:%d (%s)", host, worker.port, mode)
@@ -986,11 +1015,13 @@ async def serve_until_stopped(
     log.info("drained in %.2fs", asyncio.get_running_loop().time() - started)
 
 
-def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
+def _worker_main(
+    settings: Settings, rate_table: Path | None, listen: str, record_writer: socket.socket
+) -> None:
     configure_logging(settings)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_worker(settings, listen, record_writer))
+            asyncio.run(run_worker(settings, listen, record_writer, rate_table))
     except Exception:
         # Logged, not left to multiprocessing: its traceback would bypass --log-format.
         log.exception("worker failed")
@@ -1017,10 +1048,16 @@ def serve(settings: Settings) -> int:
     with contextlib.ExitStack() as cleanup:
         if settings.metrics_listen is not None:
             cleanup.enter_context(_served_metrics(settings))
+        rate_table = None
+        rate = settings.issuance_rate_limit()
+        if rate is not None:
+            # One count per host: every worker admits under the same table.
+            rate_table = create_rate_table(settings.data_dir, rate)
+            cleanup.callback(rate_table.unlink, missing_ok=True)
         pool = WorkerPool(
             settings.workers,
             settings.listen,
-            target=functools.partial(_worker_main, settings),
+            target=functools.partial(_worker_main, settings, rate_table),
             writer=functools.partial(_host_writer, settings),
             grace=settings.shutdown_grace.total_seconds(),
         )

@@ -22,10 +22,11 @@ from meshca.adapters.k8s.token_review import in_cluster_defaults
 from meshca.core.callers import SpiffePatterns
 from meshca.core.errors import InvalidSpiffeId
 from meshca.core.linkerd import check_linkerd_domain
+from meshca.core.rate_limit import IssuanceRate
 from meshca.core.rotation import RotationPolicy
 from meshca.core.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["ConfigError", "Settings", "load_settings", "parse_duration"]
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_duration", "parse_issuance_rate"]
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,38 @@ def parse_duration(text: str | int | float) -> timedelta:
     if seconds <= 0:
         raise ConfigError(f"{text!r}: a duration must be positive")
     return timedelta(seconds=seconds)
+
+
+#: Bounds of ``--issuance-rate``: beyond them a value is a typo, not a policy.
+MAX_RATE_COUNT = 100_000
+MIN_RATE_PERIOD = timedelta(seconds=1)
+MAX_RATE_PERIOD = timedelta(days=1)
+
+
+def parse_issuance_rate(text: str) -> IssuanceRate:
+    """``"30/1m"`` -> 30 per minute; the period is a duration (``"30/m"`` means ``30/1m``).
+
+    The count is 1..100,000 and the period 1s..1d; anything else is a ConfigError.
+    """
+    example = "(examples: 30/1m, 100/1h)"
+    count_text, slash, period_text = str(text).strip().partition("/")
+    count_text, period_text = count_text.strip(), period_text.strip().lower()
+    if not slash or not count_text.isascii() or not count_text.isdigit():
+        raise ConfigError(f"{text!r} is not COUNT/PERIOD {example}")
+    count = int(count_text)
+    if not 1 <= count <= MAX_RATE_COUNT:
+        raise ConfigError(f"{text!r}: the count must be 1 to {MAX_RATE_COUNT:,}")
+    if period_text in ("s", "m", "h", "d"):
+        period_text = "1" + period_text
+    try:
+        period = parse_duration(period_text)
+    except ConfigError:
+        raise ConfigError(f"{text!r}: {period_text!r} is not a period {example}") from None
+    except OverflowError:
+        period = MAX_RATE_PERIOD * 2
+    if not MIN_RATE_PERIOD <= period <= MAX_RATE_PERIOD:
+        raise ConfigError(f"{text!r}: the period must be 1s to 1d")
+    return IssuanceRate(count, period)
 
 
 @dataclass(frozen=True)
@@ -130,6 +163,7 @@ class Settings:
     # Linkerd's <linkerd-ns>.<identityTrustDomain>: namespace "linkerd" and trust domain
     # "cluster.local" by default upstream.
     linkerd_identity_domain: str = "linkerd.cluster.local"
+    issuance_rate: str | None = None
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -175,6 +209,7 @@ class Settings:
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
         self._check_linkerd()
+        self.issuance_rate_limit()
 
     def _check_linkerd(self) -> None:
         try:
@@ -233,6 +268,15 @@ class Settings:
             "the main port instead, where anyone who can reach it may ask ext_authz, give "
             "--policy-insecure-main-port"
         )
+
+    def issuance_rate_limit(self) -> IssuanceRate | None:
+        """``--issuance-rate`` parsed; None when it is off (the default)."""
+        if self.issuance_rate is None or self.issuance_rate.strip().lower() in ("", "off"):
+            return None
+        try:
+            return parse_issuance_rate(self.issuance_rate)
+        except ConfigError as exc:
+            raise ConfigError(f"issuance-rate: {exc}") from None
 
     def rotation_policy(self) -> RotationPolicy:
         """The CA lifetimes as core values; unset delays take their documented defaults."""

@@ -96,6 +96,9 @@ HELP = {
     "repeat for several (default identity.l5d.io)",
     "linkerd_identity_domain": "suffix of Linkerd names after <sa>.<ns>.serviceaccount.identity.: "
     "<linkerd-namespace>.<identityTrustDomain> (default linkerd.cluster.local)",
+    "issuance_rate": "most certificates one pod (or one token bound to no pod) gets, as "
+    "COUNT/PERIOD, e.g. 30/1m; counted once for all the workers (default off; see "
+    "docs/operations.md)",
 }
 
 

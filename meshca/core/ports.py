@@ -18,6 +18,7 @@ from meshca.core.log import (
     LogState,
     SignedTreeHead,
 )
+from meshca.core.rate_limit import IssuanceRate
 from meshca.core.rotation import AuthorityEntry, AuthoritySet, Transition
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "AuditReader",
     "AuthorityJournal",
     "Clock",
+    "IssuanceLimiter",
     "IssuanceLog",
     "KeyImporter",
     "KeyInventory",
@@ -62,6 +64,21 @@ class Attestor(Protocol):
 
         Raises ``AuthenticationFailed`` for any problem with the token itself and
         ``BackendUnavailable`` when the party that must vouch for it cannot be reached.
+        """
+        ...
+
+
+class IssuanceLimiter(Protocol):
+    """Counts issuances per caller key (``--issuance-rate``); see ``core.rate_limit``."""
+
+    @property
+    def rate(self) -> IssuanceRate: ...
+
+    def admit(self, key: str, now: datetime) -> timedelta | None:
+        """Take one for ``key``: None if admitted, else how long until one is free.
+
+        A refusal must leave ``key``'s count as it was. Must not block for long: it
+        runs on the event loop, once per attested request.
         """
         ...
 

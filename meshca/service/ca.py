@@ -1,4 +1,4 @@
-"""The signing use case: attest -> authorize -> issue -> validate -> record -> release.
+"""The signing use case: attest -> limit -> authorize -> issue -> validate -> record -> release.
 
 Every request, issued or refused, leaves one ``AuditRecord``. A certificate is returned
 only after its record is durably committed; if the record cannot be written, the caller
@@ -27,6 +27,7 @@ from meshca.core.errors import (
     InternalError,
     MeshcaError,
     NotAuthorized,
+    RateLimited,
     RequestTooLarge,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
@@ -39,7 +40,7 @@ from meshca.core.linkerd import (
     parse_linkerd_name,
     require_der_csr,
 )
-from meshca.core.ports import Attestor, AuditLog, Clock, OutcomeObserver
+from meshca.core.ports import Attestor, AuditLog, Clock, IssuanceLimiter, OutcomeObserver
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
 
@@ -49,6 +50,7 @@ __all__ = [
     "LinkerdDoor",
     "SignRequest",
     "SignedCertificate",
+    "rate_limit_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ class CertificateService:
         offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         on_outcome: OutcomeObserver | None = None,
         linkerd: LinkerdDoor | None = None,
+        rate_limiter: IssuanceLimiter | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
@@ -158,6 +161,8 @@ class CertificateService:
         self._offload = offload
         self._on_outcome = on_outcome
         self._linkerd = linkerd
+        # ``--issuance-rate``: None (the default) costs one comparison per request.
+        self._limiter = rate_limiter
 
     async def sign(self, request: SignRequest) -> SignedCertificate:
         now = self._clock.now()
@@ -169,6 +174,9 @@ class CertificateService:
             spiffe_id = spiffe_id_for(identity, self._trust_domain)
             context.spiffe_id = spiffe_id
             linkerd_name = None if door is None else self._linkerd_name(requested, identity, door)
+            if self._limiter is not None:
+                # After attestation, so that the key is one the cluster vouched for.
+                self._limit(request, identity, now)
             authority = self._authority()
             serial = self._new_serial()
             if self._offload is None:
@@ -241,6 +249,12 @@ class CertificateService:
             )
         return proven
 
+    async def record_refusal(self, api: str, peer: str | None, error: MeshcaError) -> None:
+        """Record a refusal decided before the request reached this service (a per-API
+        cap at the door): no identity is known, and the caller gets ``error``."""
+        request = SignRequest(token=None, csr=b"", requested_ttl=None, api=api, peer=peer)
+        await self._record_refusal(request, self._clock.now(), _RefusalContext(), error)
+
     async def _attest(
         self, request: SignRequest, door: LinkerdDoor | None = None
     ) -> KubernetesIdentity:
@@ -259,6 +273,21 @@ class CertificateService:
             )
         attestor = self._attestor if door is None else door.attestor
         return await attestor.attest(token)
+
+    def _limit(self, request: SignRequest, identity: KubernetesIdentity, now: datetime) -> None:
+        assert self._limiter is not None
+        key = rate_limit_key(identity, request.token or "")
+        wait = self._limiter.admit(key, now)
+        if wait is None:
+            return
+        # A pod UID is 36 characters; a token's claim could be longer, and is not echoed.
+        pod = identity.pod_uid
+        who = f"pod {pod[:80]}" if pod else "this token (bound to no pod)"
+        raise RateLimited(
+            f"issuance rate limit: {who} may get {self._limiter.rate} certificates; "
+            f"retry in {max(wait.total_seconds(), 0.001):.3g}s",
+            retry_after=wait,
+        )
 
     def _issue(
         self,
@@ -315,6 +344,18 @@ class CertificateService:
             self._on_outcome(record, self._clock.now() - started)
         except Exception:
             log.exception("an outcome observer failed")
+
+
+def rate_limit_key(identity: KubernetesIdentity, token: str) -> str:
+    """Whom ``--issuance-rate`` counts: the pod the token is bound to, else the token.
+
+    Never the SPIFFE ID: a Deployment's pods share one service account and start
+    together. A token bound to no pod is counted as itself (by digest; the token is not
+    kept), so a leaked one is limited however many connections replay it.
+    """
+    if identity.pod_uid:
+        return "pod:" + identity.pod_uid
+    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _withheld(issued: AuditRecord, error: MeshcaError) -> AuditRecord:

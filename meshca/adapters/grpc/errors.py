@@ -11,13 +11,16 @@ import logging
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from meshca.adapters.grpc.gate import DRAINING, CallGate
 from meshca.adapters.log_format import redact
 from meshca.core import errors
+
+if TYPE_CHECKING:
+    from meshca.adapters.grpc.limits import MethodCap
 
 __all__ = [
     "LINKERD_STATUS_TABLE",
@@ -36,6 +39,7 @@ StatusTable = tuple[tuple[type[errors.MeshcaError], grpc.StatusCode], ...]
 STATUS_TABLE: StatusTable = (
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RequestTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.AuthenticationFailed, grpc.StatusCode.UNAUTHENTICATED),
     (errors.NotAuthorized, grpc.StatusCode.PERMISSION_DENIED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
@@ -48,6 +52,9 @@ STATUS_TABLE: StatusTable = (
 LINKERD_STATUS_TABLE: StatusTable = (
     (errors.InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.RequestTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
+    # Over --issuance-rate or an API's cap: not a bad request, so the proxy's back-off
+    # applies as for any other status; Linkerd's contract names no code for it.
+    (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.AuthenticationFailed, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.NotAuthorized, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
@@ -87,14 +94,34 @@ async def _abort(
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (log id {log_id})")
 
 
+async def _refuse(cap: MethodCap, context: Any, refusal: errors.MeshcaError) -> None:
+    """Record ``refusal`` where the API records refusals, then raise it."""
+    try:
+        await cap.refused(context, refusal)
+    except Exception:
+        log.exception("a refusal over a per-API cap was not recorded")
+    raise refusal
+
+
 def _wrap_unary(
-    behavior: Callable[[Any, Any], Awaitable[Any]], gate: CallGate | None, table: StatusTable
+    behavior: Callable[[Any, Any], Awaitable[Any]],
+    gate: CallGate | None,
+    table: StatusTable,
+    cap: MethodCap | None,
 ) -> Callable[[Any, Any], Awaitable[Any]]:
     async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         if gate is not None and not gate.admit():
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         try:
-            return await behavior(request, context)
+            if cap is None:
+                return await behavior(request, context)
+            refusal = cap.enter(request)
+            if refusal is not None:
+                await _refuse(cap, context, refusal)
+            try:
+                return await behavior(request, context)
+            finally:
+                cap.leave()
         except Exception as error:
             if isinstance(error, grpc.aio.AbortError):
                 raise
@@ -107,14 +134,23 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    behavior: Callable[[Any, Any], AsyncIterator[Any]], gate: CallGate | None, table: StatusTable
+    behavior: Callable[[Any, Any], AsyncIterator[Any]],
+    gate: CallGate | None,
+    table: StatusTable,
+    cap: MethodCap | None,
 ) -> Callable[[Any, Any], AsyncIterator[Any]]:
     async def wrapped(
         request: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         if gate is not None and not gate.admit_stream():
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
+        entered = False
         try:
+            if cap is not None:
+                refusal = cap.enter(request)
+                if refusal is not None:
+                    await _refuse(cap, context, refusal)
+                entered = True
             items = behavior(request, context)
             if gate is not None:
                 items = gate.until_closed(items)
@@ -124,6 +160,9 @@ def _wrap_stream(
             if isinstance(error, grpc.aio.AbortError):
                 raise
             await _abort(context, error, table)
+        finally:
+            if entered and cap is not None:
+                cap.leave()
         if gate is not None and gate.closed:
             # Ended by the drain, not by its own end: the client should reconnect.
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
@@ -138,7 +177,9 @@ def error_mapped(
     by ``table`` (the servicer's wire contract).
 
     With ``gate``, each method also comes through it: refused with UNAVAILABLE once it
-    is closed, and counted (unary) or ended at the close (streams).
+    is closed, and counted (unary) or ended at the close (streams). With the gate's
+    ``limits``, each call then meets its API's cap (``limits.ApiCaps``): over it, the
+    refusal (RESOURCE_EXHAUSTED) is recorded by the API's recorder and nothing runs.
 
     Pass it to the generated ``add_..._to_server``, which only looks the methods up. The
     wrapping happens once, at registration: an interceptor would wrap the handler again
@@ -147,13 +188,15 @@ def error_mapped(
     generated base class's UNIMPLEMENTED default, is passed through as it is.
     """
     mapped = types.SimpleNamespace()
+    limits = None if gate is None else gate.limits
     for name in dir(servicer):
         if name.startswith("_"):
             continue
         method = getattr(servicer, name)
+        cap = None if limits is None else limits.cap_for(servicer, name)
         if inspect.isasyncgenfunction(method):
-            method = _wrap_stream(method, gate, table)
+            method = _wrap_stream(method, gate, table, cap)
         elif inspect.iscoroutinefunction(method):
-            method = _wrap_unary(method, gate, table)
+            method = _wrap_unary(method, gate, table, cap)
         setattr(mapped, name, method)
     return mapped

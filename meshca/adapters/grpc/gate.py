@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from meshca.adapters.grpc.limits import CallLimits
 
 __all__ = ["DRAINING", "CallGate"]
 
@@ -30,10 +33,14 @@ class CallGate:
     """Admits calls until ``close``; counts the unary calls admitted and not yet done.
 
     Streams are not counted (a watch never ends by itself): ``until_closed`` ends them.
+    ``limits``: the per-API caps each call meets once admitted (``limits.CallLimits``).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, limits: CallLimits | None = None
+    ) -> None:
         self._clock = clock
+        self.limits = limits
         self._closed = asyncio.Event()
         self.in_flight = 0
         self._last_knock = clock()

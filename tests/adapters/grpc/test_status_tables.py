@@ -13,6 +13,7 @@ CASES = [
     (errors.MalformedCsr("x"), "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
     (errors.WeakKey("x"), "INVALID_ARGUMENT", "INVALID_ARGUMENT"),
     (errors.RequestTooLarge("x"), "RESOURCE_EXHAUSTED", "INVALID_ARGUMENT"),
+    (errors.TooManyCalls("x"), "RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"),
     (errors.AuthenticationFailed("x"), "UNAUTHENTICATED", "INVALID_ARGUMENT"),
     (errors.NotAuthorized("x"), "PERMISSION_DENIED", "FAILED_PRECONDITION"),
     (errors.AuthorityNotReady("x"), "UNAVAILABLE", "UNAVAILABLE"),
