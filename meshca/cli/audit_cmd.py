@@ -382,7 +382,7 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fingerprint", help="certificate SHA-256 fingerprint (hex)")
     parser.add_argument("--since", metavar="RFC3339", help="at or after this time")
     parser.add_argument("--until", metavar="RFC3339", help="before this time")
-    parser.add_argument("--outcome", choices=("issued", "refused"))
+    parser.add_argument("--outcome", choices=tuple(o.value for o in Outcome))
     parser.add_argument("--api", help="the API used (e.g. istio.v1.auth.CreateCertificate)")
 
 

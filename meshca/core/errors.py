@@ -14,6 +14,7 @@ and never carry tokens or key material.
     ├── RequestTooLarge                an input over its size limit
     ├── AuthenticationFailed           the token is missing, bad, expired, for someone else
     ├── NotAuthorized                  authenticated, but asks for more than it may have
+    │   └── Revoked                    the identity or key is on the deny-list
     ├── Unavailable                    a backend we depend on cannot answer now
     │   ├── AuthorityNotReady
     │   ├── BackendUnavailable
@@ -42,6 +43,7 @@ __all__ = [
     "MeshcaError",
     "NotAuthorized",
     "RequestTooLarge",
+    "Revoked",
     "Unavailable",
     "UnsafeChange",
     "WeakKey",
@@ -107,6 +109,12 @@ class AuthenticationFailed(MeshcaError):
 
 class NotAuthorized(MeshcaError):
     reason = "not-authorized"
+
+
+class Revoked(NotAuthorized):
+    """Issuance refused by a deny-list entry; the message names the entry's id only."""
+
+    reason = "revoked"
 
 
 class Unavailable(MeshcaError):
