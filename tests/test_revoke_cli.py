@@ -121,3 +121,22 @@ def test_until_accepts_a_duration_and_list_shows_it(data: str) -> None:
     assert code == 0 and "serial a1b until " in out and "does not block issuance" in out
     code, listed, _ = _meshca("revoke", "list", "--data-dir", data)
     assert code == 0 and re.search(r"^1\s+serial\s+a1b\s+active\s+bob\s", listed, re.M), listed
+
+
+def test_audit_query_shows_revokes_and_lifts_with_their_detail(data: str) -> None:
+    prefix = f"spiffe://{TRUST_DOMAIN}/ns/shop"
+    code, _, err = _meshca(
+        "revoke", "--spiffe-id-prefix", prefix, "--reason", "namespace compromised",
+        "--by", "secteam", "--data-dir", data, "--trust-domain", TRUST_DOMAIN,
+    )  # fmt: skip
+    assert code == 0, err
+    assert _meshca("revoke", "lift", "1", "--by", "bob", "--data-dir", data)[0] == 0
+    code, out, _ = _meshca("audit", "query", "--data-dir", data, "--outcome", "revoked")
+    assert code == 0
+    assert f"deny-list entry 1: spiffe-id-prefix {prefix}; by secteam; reason: namespace" in out
+    code, out, _ = _meshca("audit", "query", "--data-dir", data, "--spiffe-id-prefix", prefix)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 3  # header, the lift, the revoke (newest first)
+    assert (
+        " lifted " in lines[1] and "lifted: spiffe-id-prefix" in lines[1] and "by bob" in lines[1]
+    )
