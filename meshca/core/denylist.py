@@ -113,6 +113,11 @@ class DenyList:
     _by_kind: dict[DenyKind, dict[str, tuple[DenyEntry, ...]]] = field(
         init=False, repr=False, compare=False
     )
+    #: No entry that could refuse issuance (serial entries never do): the signing use
+    #: case then checks nothing.
+    empty: bool = field(init=False, repr=False, compare=False)
+    #: Some entry names a key: only then is a CSR's key worth hashing.
+    has_keys: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index: dict[DenyKind, dict[str, list[DenyEntry]]] = {kind: {} for kind in DenyKind}
@@ -121,21 +126,9 @@ class DenyList:
                 index[entry.kind].setdefault(entry.value, []).append(entry)
         frozen = {kind: {k: tuple(v) for k, v in m.items()} for kind, m in index.items()}
         object.__setattr__(self, "_by_kind", frozen)
-
-    @property
-    def empty(self) -> bool:
-        """No entry that could refuse issuance (serial entries never do)."""
-        kinds = self._by_kind
-        return not (
-            kinds[DenyKind.SPIFFE_ID]
-            or kinds[DenyKind.SPIFFE_ID_PREFIX]
-            or kinds[DenyKind.KEY_SHA256]
-        )
-
-    @property
-    def has_keys(self) -> bool:
-        """True when some entry names a key: only then is a CSR's key worth hashing."""
-        return bool(self._by_kind[DenyKind.KEY_SHA256])
+        blocking = (DenyKind.SPIFFE_ID, DenyKind.SPIFFE_ID_PREFIX, DenyKind.KEY_SHA256)
+        object.__setattr__(self, "empty", not any(frozen[kind] for kind in blocking))
+        object.__setattr__(self, "has_keys", bool(frozen[DenyKind.KEY_SHA256]))
 
     def is_denied(
         self,
