@@ -84,6 +84,7 @@ from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.decision_log import SqlDecisionLog
+from meshca.adapters.storage.deny_list import SqlDenyList
 from meshca.adapters.storage.engine import make_engine, ping, redacted_url
 from meshca.adapters.storage.group_commit import BatchCommitter
 from meshca.adapters.storage.host_writer import HostRecordWriter, RecordWriterClient
@@ -115,6 +116,7 @@ from meshca.service.authority import AuthorityService
 from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService, LinkerdDoor, serial_hex
+from meshca.service.deny_list import DenyListFollower
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
@@ -718,6 +720,8 @@ async def start_worker(
 
     view = authorities.view
     bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
+    deny_list = DenyListFollower(SqlDenyList(engine))
+    await asyncio.to_thread(deny_list.refresh)
     observers: list[OutcomeObserver] = [OutcomeLog()]
     if metrics is not None:
         observers.append(metrics.observe_outcome)
@@ -741,6 +745,7 @@ async def start_worker(
         if linkerd_attestor is None
         else LinkerdDoor(linkerd_attestor, settings.linkerd_identity_domain),
         rate_limiter=issuance_limiter(settings, rate_table),
+        deny_list=deny_list.current,
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
@@ -883,6 +888,9 @@ async def start_worker(
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(rotator.run(stopping))]
     tasks.append(asyncio.create_task(maintenance.run(stopping)))
     tasks.append(asyncio.create_task(readiness.run(stopping)))
+    tasks.append(
+        asyncio.create_task(deny_list.run(stopping, settings.journal_poll.total_seconds()))
+    )
     if authz is not None:
         interval = settings.policy_poll_interval.total_seconds()
         tasks.append(asyncio.create_task(authz.run(stopping, interval)))

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from meshca.cli import audit_cmd, ca_cmd, db_cmd, dev_cmd, policy_cmd, serve_cmd
+from meshca.cli import audit_cmd, ca_cmd, db_cmd, dev_cmd, policy_cmd, revoke_cmd, serve_cmd
 from meshca.config import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cmd.register(commands)
     policy_cmd.register(commands)
     db_cmd.register(commands)
+    revoke_cmd.register(commands)
     return parser
 
 

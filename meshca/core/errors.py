@@ -17,6 +17,7 @@ and never carry tokens or key material.
     │   └── TooManyCalls               too many calls of one API are in progress
     ├── AuthenticationFailed           the token is missing, bad, expired, for someone else
     ├── NotAuthorized                  authenticated, but asks for more than it may have
+    │   └── Revoked                    the identity or key is on the deny-list
     ├── Unavailable                    a backend we depend on cannot answer now
     │   ├── AuthorityNotReady
     │   ├── BackendUnavailable
@@ -48,6 +49,7 @@ __all__ = [
     "NotAuthorized",
     "RateLimited",
     "RequestTooLarge",
+    "Revoked",
     "TooManyCalls",
     "Unavailable",
     "UnsafeChange",
@@ -134,6 +136,12 @@ class AuthenticationFailed(MeshcaError):
 
 class NotAuthorized(MeshcaError):
     reason = "not-authorized"
+
+
+class Revoked(NotAuthorized):
+    """Issuance refused by a deny-list entry; the message names the entry's id only."""
+
+    reason = "revoked"
 
 
 class Unavailable(MeshcaError):

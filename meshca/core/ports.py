@@ -11,6 +11,7 @@ from cryptography import x509
 
 from meshca.core.audit import AuditPage, AuditQuery, AuditRecord, LogEntry
 from meshca.core.authority import SignerKey
+from meshca.core.denylist import DenyList
 from meshca.core.identity import KubernetesIdentity
 from meshca.core.log import (
     ConsistencyProof,
@@ -27,6 +28,7 @@ __all__ = [
     "AuditReader",
     "AuthorityJournal",
     "Clock",
+    "DenyListSource",
     "IssuanceLimiter",
     "IssuanceLog",
     "KeyImporter",
@@ -240,4 +242,19 @@ class UpstreamAuthority(Protocol):
         self, root_ref: str, csr: x509.CertificateSigningRequest, ttl: timedelta
     ) -> SignedIntermediate:
         """Have root ``root_ref`` sign ``csr`` as a CA that may sign only leaves."""
+        ...
+
+
+class DenyListSource(Protocol):
+    """Where servers read the deny-list from. Blocking: callers run it off the event loop.
+
+    Both methods raise ``BackendUnavailable`` if storage is down.
+    """
+
+    def revision(self) -> int:
+        """A number that changes with every add or lift (-1 for a list never written)."""
+        ...
+
+    def load(self) -> DenyList:
+        """Every entry not lifted, with the revision it was read at."""
         ...

@@ -18,10 +18,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority
 from meshca.core.csr import CsrRequest, parse_csr
+from meshca.core.denylist import DenyList, key_sha256
 from meshca.core.errors import (
     AuthenticationFailed,
     InternalError,
@@ -29,6 +31,7 @@ from meshca.core.errors import (
     NotAuthorized,
     RateLimited,
     RequestTooLarge,
+    Revoked,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
@@ -148,6 +151,7 @@ class CertificateService:
         on_outcome: OutcomeObserver | None = None,
         linkerd: LinkerdDoor | None = None,
         rate_limiter: IssuanceLimiter | None = None,
+        deny_list: Callable[[], DenyList] | None = None,
     ) -> None:
         self._trust_domain = trust_domain
         self._attestor = attestor
@@ -163,6 +167,7 @@ class CertificateService:
         self._linkerd = linkerd
         # ``--issuance-rate``: None (the default) costs one comparison per request.
         self._limiter = rate_limiter
+        self._deny_list = deny_list
 
     async def sign(self, request: SignRequest) -> SignedCertificate:
         now = self._clock.now()
@@ -306,6 +311,7 @@ class CertificateService:
             check_linkerd_csr(csr, linkerd_name)
             dns_names = (str(linkerd_name),)
         authorize_csr(csr, spiffe_id)
+        self._refuse_if_denied(spiffe_id, csr, now)
         not_before, not_after = leaf_lifetime(now, request.requested_ttl, self._policy, authority)
         # The certificate holds whole seconds; the record says what the certificate says.
         not_before, not_after = not_before.replace(microsecond=0), not_after.replace(microsecond=0)
@@ -314,6 +320,23 @@ class CertificateService:
         )
         check_leaf_svid(leaf_der, spiffe_id, authority, dns_names)
         return _Issued(csr, leaf_der, not_before, not_after)
+
+    def _refuse_if_denied(self, spiffe_id: SpiffeId, csr: CsrRequest, now: datetime) -> None:
+        """Raise ``Revoked`` when a deny-list entry names the identity or the CSR's key.
+
+        The caller learns the entry's id and nothing more; the key is hashed only when
+        some entry names a key.
+        """
+        denied = None if self._deny_list is None else self._deny_list()
+        if denied is None or denied.empty:
+            return
+        key = None
+        if denied.has_keys:
+            spki = csr.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            key = key_sha256(spki)
+        entry = denied.is_denied(spiffe_id, key, None, now)
+        if entry is not None:
+            raise Revoked(f"issuance refused by deny-list entry {entry.id}")
 
     async def _record_refusal(
         self, request: SignRequest, now: datetime, context: _RefusalContext, error: MeshcaError
