@@ -47,12 +47,11 @@ class AgentSnapshot:
 class AgentState:
     """The current snapshot, and a way to wait for the next one."""
 
-    def __init__(self, trust_domain_hint: str = "") -> None:
+    def __init__(self) -> None:
         self._snapshot = AgentSnapshot(None, None, 0)
         self._changed = asyncio.Condition()
         self._ticks = 0  # counts every change, upstream_problem included
         self._problems: dict[str, str] = {"renewal": "no SVID yet"}
-        self._trust_domain_hint = trust_domain_hint
 
     @property
     def current(self) -> AgentSnapshot:
