@@ -14,6 +14,12 @@ the server's trust bundle, and serves both on a Unix socket to the workload:
 When the server cannot be reached the agent keeps serving the last good SVID and says so
 in its log and in health. At start, it serves the socket at once and waits for the
 server (retrying with backoff); Workload API streams answer as soon as an SVID arrives.
+A socket path that exists is replaced only when it is a stale socket (exit status 2 else).
+
+Example:
+  meshca agent --server meshca.meshca-system.svc:15012 --ca-file /etc/meshca/roots.pem \\
+    --token-file /var/run/secrets/tokens/meshca --socket /run/spiffe/agent.sock
+  export SPIFFE_ENDPOINT_SOCKET=unix:///run/spiffe/agent.sock
 """
 
 from __future__ import annotations

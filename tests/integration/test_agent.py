@@ -253,6 +253,23 @@ async def test_workload_api_metadata_rule_and_unimplemented_methods(agent: Agent
     assert "reason=missing-workload-header" in agent.log(200)
 
 
+async def test_reflection_lists_the_socket_services(agent: AgentProcess) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    def services() -> set[str]:
+        with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        return {s.name for s in response.list_services_response.service}
+
+    assert await asyncio.to_thread(services) >= {
+        "SpiffeWorkloadAPI",
+        "envoy.service.secret.v3.SecretDiscoveryService",
+        "grpc.health.v1.Health",
+    }
+
+
 class _SdsClient:
     """A StreamSecrets client from the xds-protos stubs, driven request by request."""
 
@@ -473,9 +490,9 @@ async def test_spiffe_tls_mtls_between_two_agents_survives_root_rotation(
             _spiffetls_round_trip, api_source, web_source, API, WEB
         )
         assert answer == b"hello web, from api" and not problems, problems
-        # Authorization by SPIFFE ID bites: web expecting "api" but meeting web is refused.
+        # Authorization by SPIFFE ID bites: api's side, expecting a client "api", refuses web.
         answer, problems = await asyncio.to_thread(
-            _spiffetls_round_trip, web_source, web_source, API, WEB
+            _spiffetls_round_trip, api_source, web_source, API, API
         )
         assert answer == b"" and problems
     finally:
