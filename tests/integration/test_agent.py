@@ -23,7 +23,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.secret.v3 import sds_pb2_grpc
 from google.rpc import status_pb2
-from spiffe import SpiffeId, TrustDomain, WorkloadApiClient, X509Source
+from spiffe import SpiffeId, TrustDomain, WorkloadApiClient, X509Bundle, X509Source
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from meshca.cli.ca_cmd import load_bundle
@@ -124,7 +124,23 @@ async def test_x509_source_follows_renewal_and_root_rotation(
     server: RunningServer, agent: AgentProcess
 ) -> None:
     source = await asyncio.to_thread(X509Source, socket_path=agent.endpoint, timeout_in_seconds=20)
+    # Beside X509Source: a raw FetchX509Bundles stream and an SDS stream for ROOTCA only.
+    # Neither may push on a renewal; both must push the rotated bundle.
+    channel = grpc.insecure_channel(f"unix:{agent.socket}")
+    bundles = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel).FetchX509Bundles(
+        workload_pb2.X509BundlesRequest(), metadata=(("workload.spiffe.io", "true"),)
+    )
+    sds = _SdsClient(agent.socket)
     try:
+        first_bundles = await asyncio.to_thread(next, bundles)
+        assert list(first_bundles.bundles) == [f"spiffe://{TRUST_DOMAIN}"]
+        sds.send(resource_names=["ROOTCA"])
+        first_rootca = await asyncio.to_thread(sds.receive)
+        sds.send(
+            resource_names=["ROOTCA"],
+            version_info=first_rootca.version_info,
+            response_nonce=first_rootca.nonce,
+        )
         first_serial = source.get_x509_context().default_svid.leaf.serial_number
         first_roots = _roots_of(source)
         assert len(first_roots) == 1
@@ -150,7 +166,21 @@ async def test_x509_source_follows_renewal_and_root_rotation(
 
         await asyncio.to_thread(_wait, under_new_root, 20, "an SVID under the new root")
         assert source.get_x509_context().default_svid.spiffe_id == SpiffeId(WEB)
+
+        second_bundles = await asyncio.to_thread(next, bundles)
+        pushed = X509Bundle.parse_raw(
+            TrustDomain(TRUST_DOMAIN), second_bundles.bundles[f"spiffe://{TRUST_DOMAIN}"]
+        )
+        assert set(pushed.x509_authorities) == first_roots | {new_root}
+        second_rootca = await asyncio.to_thread(sds.receive)
+        (rootca,) = _secrets(second_rootca).values()
+        assert set(
+            x509.load_pem_x509_certificates(rootca.validation_context.trusted_ca.inline_bytes)
+        ) == first_roots | {new_root}
     finally:
+        bundles.cancel()
+        channel.close()
+        sds.close()
         await asyncio.to_thread(source.close)
 
 
