@@ -91,8 +91,8 @@ def add_agent_flags(parser: argparse.ArgumentParser, *, connection: bool = True)
 
 def run_agent(config: Any, log_level: str) -> int:
     """Run the agent until SIGTERM/SIGINT; 2 when the socket path cannot be used."""
-    from meshca.adapters.agent.runtime import start_agent
     from meshca.adapters.agent.socket_path import SocketPathError
+    from meshca.app import start_agent
 
     logging.basicConfig(
         level=log_level.upper(),

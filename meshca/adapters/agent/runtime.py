@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,13 +26,11 @@ from spiffe._proto import workload_pb2
 from meshca.adapters.agent.out_dir import write_snapshot
 from meshca.adapters.agent.sds import SdsServicer
 from meshca.adapters.agent.socket_path import claim_socket_path
-from meshca.adapters.agent.upstream import GrpcUpstream, TokenFile, new_key_and_csr
 from meshca.adapters.agent.workload_api import SERVICE_NAME, add_workload_api
-from meshca.adapters.clock import SystemClock
 from meshca.core.agent import RenewalPolicy, svid_usable
 from meshca.service.agent import AgentRunner, AgentSnapshot, AgentState
 
-__all__ = ["UPSTREAM_HEALTH", "AgentConfig", "RunningAgent", "start_agent"]
+__all__ = ["UPSTREAM_HEALTH", "AgentConfig", "RunningAgent", "serve_agent", "upstream_channel"]
 
 log = logging.getLogger("meshca.agent")
 
@@ -139,34 +136,26 @@ async def _write_out_dir(state: AgentState, out_dir: Path) -> None:
         log.info("wrote %s in %s", ", ".join(written), out_dir)
 
 
-async def start_agent(config: AgentConfig) -> RunningAgent:
-    """Claim the socket, start serving on it and start the loops.
-
-    Raises ``SocketPathError`` when the socket path is taken, ``OSError`` when the CA
-    file cannot be read. An unreachable server is not an error: the agent serves the
-    socket at once (health NOT_SERVING, streams waiting) and retries with backoff.
-    """
-    roots_pem = config.ca_file.read_bytes() if config.ca_file and not config.plaintext else None
-    claim_socket_path(config.socket)
+def upstream_channel(config: AgentConfig) -> grpc.aio.Channel:
+    """The channel to the CA server: TLS verified against ``--ca-file`` (or, without
+    one, the system's roots), or plaintext. Raises ``OSError`` for an unreadable CA file."""
     if config.plaintext:
-        channel = grpc.aio.insecure_channel(config.server)
-    else:
-        # Without --ca-file, the system's roots (grpc's default) verify the server.
-        name = [("grpc.ssl_target_name_override", config.server_name)] if config.server_name else []
-        channel = grpc.aio.secure_channel(
-            config.server, grpc.ssl_channel_credentials(roots_pem), name
-        )
+        return grpc.aio.insecure_channel(config.server)
+    roots_pem = config.ca_file.read_bytes() if config.ca_file else None
+    name = [("grpc.ssl_target_name_override", config.server_name)] if config.server_name else []
+    return grpc.aio.secure_channel(config.server, grpc.ssl_channel_credentials(roots_pem), name)
 
-    state = AgentState()
-    runner = AgentRunner(
-        state,
-        GrpcUpstream(channel),
-        read_token=TokenFile(config.token_file),
-        key_and_csr=new_key_and_csr,
-        clock=SystemClock(),
-        draw=random.random,
-        policy=config.policy,
-    )
+
+async def serve_agent(
+    config: AgentConfig, state: AgentState, runner: AgentRunner, channel: grpc.aio.Channel
+) -> RunningAgent:
+    """Claim the socket, serve on it and start ``runner``'s loops, health and --out-dir.
+
+    Raises ``SocketPathError`` when the socket path is taken. An unreachable server is
+    not an error: the socket is served at once (health NOT_SERVING, streams waiting)
+    while the runner retries with backoff.
+    """
+    claim_socket_path(config.socket)
     server = grpc.aio.server()
     add_workload_api(server, state)
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(SdsServicer(state), server)
