@@ -118,11 +118,15 @@ def run_agent(config: Any, log_level: str) -> int:
         try:
             await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            crashed = waiter.done() and not stopper.done()
             stopper.cancel()
             waiter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await waiter
             await agent.stop()
+        if crashed:
+            print("meshca agent: an internal loop failed; see the log above", file=sys.stderr)
+            return 1
         log.info("meshca agent stopped")
         return 0
 

@@ -156,11 +156,15 @@ class AgentRunner:
         while True:
             try:
                 svid = await self.renew_once()
-            except MeshcaError as exc:
+            except Exception as exc:
+                # The agent must outlive any failure: a bug here is logged with its
+                # traceback and retried like an outage, never allowed to end the loop.
+                if not isinstance(exc, MeshcaError):
+                    log.exception("renewal failed unexpectedly")
                 attempt += 1
                 delay = retry_delay(attempt, self._policy, self._draw())
                 held = self._state.current.svid
-                problem = f"renewal failed: {exc.message}"
+                problem = f"renewal failed: {_describe(exc)}"
                 await self._state.set_upstream_problem("renewal", problem)
                 if held is None:
                     log.warning("%s; no SVID yet; retrying in %.1fs", problem, _s(delay))
@@ -206,13 +210,19 @@ class AgentRunner:
                     )
                     await self._state.set_bundle(bundle)
                 problem = "trust bundle watch ended"
-            except MeshcaError as exc:
-                problem = f"trust bundle watch failed: {exc.message}"
+            except Exception as exc:
+                if not isinstance(exc, MeshcaError):
+                    log.exception("trust bundle watch failed unexpectedly")
+                problem = f"trust bundle watch failed: {_describe(exc)}"
             attempt += 1
             delay = retry_delay(attempt, self._policy, self._draw())
             await self._state.set_upstream_problem("bundle", problem)
             log.warning("%s; serving the last bundle; reconnecting in %.1fs", problem, _s(delay))
             await asyncio.sleep(_s(delay))
+
+
+def _describe(exc: Exception) -> str:
+    return exc.message if isinstance(exc, MeshcaError) else f"unexpected {type(exc).__name__}"
 
 
 def _s(delta: timedelta) -> float:

@@ -419,6 +419,15 @@ async def test_sds_unknown_names_and_fetch_secrets(agent: AgentProcess) -> None:
             assert set(_secrets(client.receive())) == {"default"}
         finally:
             client.close()
+        with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+            stub = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+            wrong = discovery_pb2.DiscoveryRequest(
+                type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster",
+                resource_names=["default"],
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                next(stub.StreamSecrets(iter([wrong]), timeout=5))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     await asyncio.to_thread(scenario)
     assert "unknown secrets unknown-secret" in agent.log(400)

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -98,15 +99,19 @@ async def test_socket_path_live_stale_and_regular_file(
         dead.bind(str(stale))
     assert stale.is_socket()
     ca_file = sockets / "ca.pem"
-    command = agent_command(server.target, agent.token_file, stale, ca_file=ca_file)
+    command = agent_command(
+        server.target, agent.token_file, stale, "--socket-mode", "0640", ca_file=ca_file
+    )
     replaced = await asyncio.to_thread(
         start_agent_process, command, stale, agent.token_file, sockets / "out"
     )
     try:
         await asyncio.to_thread(replaced.wait_health, "SERVING")
+        assert stale.is_socket() and stat.S_IMODE(stale.stat().st_mode) == 0o640
         assert await asyncio.to_thread(_serial, replaced) > 0
     finally:
-        await asyncio.to_thread(replaced.stop)
+        code = await asyncio.to_thread(replaced.stop)
+    assert code == 0, replaced.log()
     assert not stale.exists(), "the agent removes its socket when it stops"
 
 
@@ -244,10 +249,14 @@ def test_dev_agent_serves_py_spiffe_against_dev_serve(tmp_path: Path) -> None:
         banner = [agent.stdout.readline() for _ in range(5)]
         assert any(f"export SPIFFE_ENDPOINT_SOCKET=unix://{sock}" in line for line in banner)
 
+        # The agent logs (to the same pipe) once its socket accepts connections.
+        for _ in range(50):
+            if "serving on unix:" in agent.stdout.readline():
+                break
+        else:
+            raise AssertionError("the dev agent never said it serves")
+
         def fetch() -> str:
-            deadline = time.monotonic() + 30
-            while not sock.exists() and time.monotonic() < deadline:
-                time.sleep(0.1)
             with WorkloadApiClient(socket_path=f"unix://{sock}", default_timeout=20) as client:
                 return str(client.fetch_x509_svid().spiffe_id)
 

@@ -71,22 +71,29 @@ class RunningAgent:
         self._tasks = tasks
 
     async def wait(self) -> None:
-        """Until a loop ends (they only end by failing) or the agent is stopped."""
+        """Until a loop ends (they only end by failing: logged here) or ``stop()``."""
         done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
             if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+                log.error("agent loop %s failed", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._server.stop(grace=1)
-        await self._channel.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.socket.unlink()
+        """End the loops and the server, close the channel and remove the socket file."""
+        try:
+            for task in self._tasks:
+                task.cancel()
+            for task in self._tasks:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:
+                    log.exception("agent loop %s had failed", task.get_name())
+            await self._server.stop(grace=1)
+            await self._channel.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket.unlink()
 
 
 def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:

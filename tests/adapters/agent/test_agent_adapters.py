@@ -163,3 +163,51 @@ def test_sds_stream_unknown_and_unavailable() -> None:
     )
     later = stream.on_request(_request(resource_names=["nope", "ROOTCA"]), _snapshot(1, 1))
     assert later is not None and len(later.resources) == 1
+
+
+_names = st.lists(st.sampled_from(["default", "ROOTCA", "", "x", "spiffe://td"]), max_size=3)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["request", "snapshot"]),
+            _names,
+            st.sampled_from(["", "1", "2", "3", "junk"]),
+            st.booleans(),
+        ),
+        max_size=12,
+    )
+)
+def test_sds_stream_never_raises_nor_pushes_unchanged(
+    steps: list[tuple[str, list[str], str, bool]],
+) -> None:
+    stream = SdsStream(peer="prop")
+    snapshots = [AgentSnapshot(None, None, 0), _SNAP_1, _SNAP_2]
+    current = snapshots[0]
+    sent: list[tuple[tuple[str, ...], str]] = []
+    nonces: list[str] = []
+    for kind, names, nonce, nack in steps:
+        if kind == "snapshot":
+            current = snapshots[min(snapshots.index(current) + 1, 2)]
+            response = stream.on_snapshot(current)
+        else:
+            detail = status_pb2.Status(code=3, message="no") if nack else None
+            response = stream.on_request(
+                _request(resource_names=names, response_nonce=nonce, error_detail=detail), current
+            )
+        if response is None:
+            continue
+        assert response.type_url == SECRET_TYPE and response.resources
+        assert response.nonce not in nonces, "every response has a fresh nonce"
+        nonces.append(response.nonce)
+        key = (stream.names, response.version_info)
+        if kind == "snapshot":
+            # A push happens only for contents not yet sent on this subscription, so an
+            # ACKed or NACKed version is never pushed again.
+            assert key not in sent, "an unchanged secret was pushed again"
+        sent.append(key)
+
+
+_SNAP_1 = _snapshot(1, 1)
+_SNAP_2 = _snapshot(2, 2)
