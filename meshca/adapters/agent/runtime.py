@@ -187,7 +187,7 @@ async def serve_agent(
         os.umask(old_umask)
     os.chmod(config.socket, config.socket_mode)
     log.info(
-        "meshca agent serving on unix:%s (mode %o): SPIFFE Workload API, Envoy SDS; CA server %s",
+        "meshca agent serving on unix:%s (mode %04o): SPIFFE Workload API, Envoy SDS; CA server %s",
         config.socket,
         config.socket_mode,
         config.server,
