@@ -283,6 +283,44 @@ async def test_workload_api_metadata_rule_and_unimplemented_methods(agent: Agent
     assert "reason=missing-workload-header" in agent.log(200)
 
 
+async def test_garbage_requests_are_refused_and_the_agent_keeps_serving(
+    agent: AgentProcess,
+) -> None:
+    good = (("workload.spiffe.io", "true"),)
+
+    def codes() -> list[grpc.StatusCode]:
+        found = []
+        with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+            for method in (
+                "/SpiffeWorkloadAPI/FetchX509SVID",
+                "/SpiffeWorkloadAPI/FetchX509Bundles",
+            ):
+                call = channel.unary_stream(method)
+                try:
+                    next(call(b"\xff\xff\xff\x0f" * 64, metadata=good, timeout=5))
+                    found.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    found.append(exc.code())
+            sds = channel.stream_stream(
+                "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets"
+            )
+            try:
+                next(sds(iter([b"\x0a\xff\xff\xff"]), timeout=5))
+                found.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                found.append(exc.code())
+        return found
+
+    found = await asyncio.to_thread(codes)
+    # grpc itself refuses what does not parse as the request message (UNKNOWN, before
+    # our code runs); SDS reads its requests in our code and says INVALID_ARGUMENT.
+    assert found[:2] == [grpc.StatusCode.UNKNOWN] * 2
+    assert found[2] == grpc.StatusCode.INVALID_ARGUMENT
+    await asyncio.to_thread(agent.wait_health, "SERVING")
+    svid, _bundles = await asyncio.to_thread(_fetch, agent.endpoint)
+    assert str(svid.spiffe_id) == WEB  # type: ignore[attr-defined]
+
+
 async def test_reflection_lists_the_socket_services(agent: AgentProcess) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

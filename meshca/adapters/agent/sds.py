@@ -183,13 +183,17 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Context
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         stream = SdsStream(peer=context.peer() or "client")
-        events: asyncio.Queue[discovery_pb2.DiscoveryRequest | AgentSnapshot | None] = (
+        events: asyncio.Queue[discovery_pb2.DiscoveryRequest | AgentSnapshot | Exception | None] = (
             asyncio.Queue()
         )
 
         async def read() -> None:
-            async for request in request_iterator:
-                await events.put(request)
+            try:
+                async for request in request_iterator:
+                    await events.put(request)
+            except Exception as exc:  # a request that does not parse ends the stream
+                await events.put(exc)
+                return
             await events.put(None)
 
         async def watch() -> None:
@@ -205,6 +209,12 @@ class SdsServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
                 event = await events.get()
                 if event is None:
                     return
+                if isinstance(event, Exception):
+                    log.warning("SDS %s: refused a malformed request: %r", stream.peer, event)
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "malformed DiscoveryRequest"
+                    )
+                    return  # abort() raises; this keeps type checkers informed
                 if isinstance(event, AgentSnapshot):
                     response = stream.on_snapshot(event)
                 else:
