@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
@@ -120,7 +120,10 @@ from meshca.service.deny_list import DenyListFollower
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
-__all__ = ["prepare", "run_worker", "serve"]
+if TYPE_CHECKING:
+    from meshca.adapters.agent.runtime import AgentConfig, RunningAgent
+
+__all__ = ["prepare", "run_worker", "serve", "start_agent"]
 
 log = logging.getLogger("meshca")
 
@@ -132,6 +135,34 @@ AUTHORITY_HEALTH = "meshca.authority"
 READINESS_INTERVAL = 5.0
 #: The SPIFFE ID meshca presents to its clients.
 SERVER_WORKLOAD = ("meshca", "meshca")
+
+
+async def start_agent(config: AgentConfig) -> RunningAgent:
+    """``meshca agent``: the CA server client, the token file, a fresh key per renewal and
+    the system clock under the agent's loops; the socket server is ``serve_agent``'s.
+
+    Raises ``SocketPathError`` (socket path taken) or ``OSError`` (unreadable CA file).
+    """
+    from meshca.adapters.agent.runtime import serve_agent, upstream_channel
+    from meshca.adapters.agent.upstream import GrpcUpstream, TokenFile, new_key_and_csr
+    from meshca.service.agent import AgentRunner, AgentState
+
+    channel = upstream_channel(config)
+    state = AgentState()
+    runner = AgentRunner(
+        state,
+        GrpcUpstream(channel),
+        read_token=TokenFile(config.token_file),
+        key_and_csr=new_key_and_csr,
+        clock=SystemClock(),
+        draw=random.random,
+        policy=config.policy,
+    )
+    try:
+        return await serve_agent(config, state, runner, channel)
+    except BaseException:
+        await channel.close()
+        raise
 
 
 def configure_logging(settings: Settings) -> None:

@@ -237,6 +237,53 @@ def _request(args: argparse.Namespace) -> int:
     )
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from meshca.adapters.agent.runtime import AgentConfig
+    from meshca.cli.agent_cmd import run_agent
+
+    data_dir = Path(args.data_dir).absolute()
+    roots = load_bundle(data_dir)
+    if not roots:
+        print(f"meshca: no dev CA in {data_dir}: run 'meshca dev serve' first", file=sys.stderr)
+        return 1
+    agent_dir = data_dir / "agent"
+    agent_dir.mkdir(parents=True, exist_ok=True)
+    ca_file = agent_dir / "ca.pem"
+    ca_file.write_bytes(b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots))
+    token_file = agent_dir / "token"
+    issuer = _issuer(data_dir)
+    token = issuer.mint(
+        args.namespace,
+        args.service_account,
+        DEV_AUDIENCE,
+        ttl=timedelta(hours=24),
+        now=datetime.now(UTC),
+    )
+    write_private(token_file, token.encode())
+    socket = Path(args.socket).absolute() if args.socket else agent_dir / "socket"
+    print(
+        f"meshca dev agent for spiffe://.../ns/{args.namespace}/sa/{args.service_account} "
+        f"against {args.server}\n"
+        f"  socket  unix://{socket}\n"
+        f"  token   {token_file} (a dev token valid for 24h)\n"
+        "In another terminal:\n"
+        f"  export SPIFFE_ENDPOINT_SOCKET=unix://{socket}\n"
+        "Stop with Ctrl-C.",
+        flush=True,
+    )
+    config = AgentConfig(
+        server=args.server,
+        token_file=token_file,
+        socket=socket,
+        ca_file=None if args.plaintext else ca_file,
+        plaintext=args.plaintext,
+        server_name=None if args.plaintext else "localhost",
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+        socket_mode=args.socket_mode,
+    )
+    return run_agent(config, args.log_level)
+
+
 def _identity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=DEV_DATA_DIR, help="dev data directory")
     parser.add_argument("--namespace", default="default", help="namespace in the token")
@@ -279,3 +326,20 @@ def register(commands: Any) -> None:
     request.add_argument("--out-dir", help="write key.pem and chain.pem here")
     request.add_argument("--ttl", type=int, default=0, help="requested lifetime in seconds")
     request.set_defaults(run=_request)
+
+    from meshca.cli.agent_cmd import add_agent_flags
+
+    agent = sub.add_parser(
+        "agent",
+        help="run `meshca agent` against the dev server with a dev token",
+        description=(
+            "Start `meshca agent` against a running `meshca dev serve`: a dev token from "
+            "its issuer, its roots as the CA file, the socket at <data-dir>/agent/socket."
+        ),
+    )
+    _identity_flags(agent)
+    agent.add_argument("--server", default=DEV_LISTEN, help=f"HOST:PORT (default {DEV_LISTEN})")
+    agent.add_argument("--plaintext", action="store_true", help="the server runs --plaintext")
+    agent.add_argument("--socket", help="default <data-dir>/agent/socket")
+    add_agent_flags(agent, connection=False)
+    agent.set_defaults(run=_agent)
