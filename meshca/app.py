@@ -92,6 +92,7 @@ from meshca.adapters.storage.journal import SqlAuthorityJournal
 from meshca.adapters.storage.migrate import SchemaUnknown, prepare_schema
 from meshca.adapters.storage.pg_locks import PgLeaderLock, pg_step_lock
 from meshca.adapters.storage.record_rows import insert_records
+from meshca.adapters.storage.revoked_leaves import SqlRevokedLeaves
 from meshca.adapters.storage.transparency import SqlTransparencyLog
 from meshca.adapters.vault.client import VaultAuth, VaultClient
 from meshca.adapters.vault.transit_key import TransitKeyManager
@@ -116,6 +117,7 @@ from meshca.service.authority import AuthorityService
 from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService, LinkerdDoor, serial_hex
+from meshca.service.crl import CrlPublisher
 from meshca.service.deny_list import DenyListFollower
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
@@ -463,6 +465,7 @@ class Worker:
     gate: CallGate = field(default_factory=CallGate)
     policy_server: grpc.aio.Server | None = None
     policy_port: int | None = None
+    crls: CrlPublisher | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain within ``grace`` seconds: health first, then calls, then the rest.
@@ -753,6 +756,9 @@ async def start_worker(
     bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
     deny_list = DenyListFollower(SqlDenyList(engine))
     await asyncio.to_thread(deny_list.refresh)
+    crls = await asyncio.to_thread(
+        build_crl_publisher, settings, engine, clock, authorities, deny_list
+    )
     observers: list[OutcomeObserver] = [OutcomeLog()]
     if metrics is not None:
         observers.append(metrics.observe_outcome)
@@ -898,6 +904,7 @@ async def start_worker(
                 300.0, settings.rotation_policy().propagation_delay.total_seconds() / 4
             ),
             tls=None if tls is None else (tls.private_key_pem, tls.chain_pem),
+            crl=lambda fingerprint: crls.current().der(fingerprint),
         )
         if serving is not None:
             serving.on_renewal(
@@ -922,6 +929,7 @@ async def start_worker(
     tasks.append(
         asyncio.create_task(deny_list.run(stopping, settings.journal_poll.total_seconds()))
     )
+    tasks.append(asyncio.create_task(crls.run(stopping, settings.journal_poll.total_seconds())))
     if authz is not None:
         interval = settings.policy_poll_interval.total_seconds()
         tasks.append(asyncio.create_task(authz.run(stopping, interval)))
@@ -954,7 +962,37 @@ async def start_worker(
         gate=gate,
         policy_server=policy_server,
         policy_port=policy_port,
+        crls=crls,
     )
+
+
+def build_crl_publisher(
+    settings: Settings,
+    engine: Engine,
+    clock: SystemClock,
+    authorities: AuthorityService,
+    deny_list: DenyListFollower,
+) -> CrlPublisher:
+    """Each intermediate's CRL, re-signed on deny-list changes and at half its validity
+    (see service/crl.py); the first set is made before serving."""
+    poll = settings.journal_poll
+    crls = CrlPublisher(
+        source=SqlRevokedLeaves(engine),
+        deny_list=deny_list.current,
+        authorities=lambda: authorities.view.authorities,
+        load_key=authorities.keys.load,
+        clock=clock,
+        validity=settings.crl_validity,
+        # A replica follows an activation within a poll or two of the journal.
+        slack=max(poll * 3, timedelta(seconds=10)),
+        # Within one poll of a revoke: the deny-list is re-read right before.
+        before_refresh=deny_list.refresh,
+    )
+    try:
+        crls.refresh()
+    except MeshcaError as error:
+        log.warning("CRLs not made at start: %s (retried every --journal-poll)", error.message)
+    return crls
 
 
 def read_database_state(engine: Engine) -> DatabaseState:

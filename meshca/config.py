@@ -118,6 +118,7 @@ class Settings:
     root_rotation: timedelta | None = None
     journal_poll: timedelta = timedelta(seconds=2)
     bundle_endpoint: str | None = None
+    crl_validity: timedelta = timedelta(hours=1)
     vault_addr: str | None = None
     vault_upstream: bool = False
     vault_transit: bool = False
@@ -188,6 +189,8 @@ class Settings:
             raise ConfigError(f"CA lifetimes: {problem}")
         if self.bundle_endpoint is not None and ":" not in self.bundle_endpoint:
             raise ConfigError("bundle-endpoint must be HOST:PORT")
+        if not timedelta(seconds=2) <= self.crl_validity <= timedelta(days=7):
+            raise ConfigError("crl-validity must be between 2s and 7d")
         if self.vault_auth not in ("token", "approle", "kubernetes"):
             raise ConfigError("vault-auth must be token, approle or kubernetes")
         if (self.vault_upstream or self.vault_transit) and not self.vault_addr:

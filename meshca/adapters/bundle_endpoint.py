@@ -3,8 +3,10 @@
 The document follows the SPIFFE Trust Domain and Bundle specification: one JWK per
 root with ``use: x509-svid`` and the certificate in ``x5c``, plus ``spiffe_sequence``
 (the bundle's version, growing on every change) and ``spiffe_refresh_hint`` (seconds).
-The server answers ``GET /`` with it; it is a deliberately small HTTP/1.1 responder:
-one request per connection, no request body, no other paths.
+The server answers ``GET /`` with it, and ``GET /crl/<fingerprint>.der`` with the CRL of
+the intermediate whose DER has that SHA-256 (64 lowercase hex digits; see
+``core.crl``). It is a deliberately small HTTP/1.1 responder: one request per
+connection, no request body, no other paths.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshca.core.crl import is_fingerprint
 from meshca.service.bundle import BundleSnapshot
 
 __all__ = ["BundleEndpoint", "spiffe_bundle_document"]
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 _MAX_REQUEST = 8192
+_CRL_PREFIX = "/crl/"
 
 
 def _b64url(data: bytes) -> str:
@@ -96,8 +100,10 @@ class BundleEndpoint:
         *,
         refresh_hint: float,
         tls: tuple[bytes, bytes] | None,
+        crl: Callable[[str], bytes | None] | None = None,
     ) -> None:
         self._current = current
+        self._crl = crl
         self._refresh_hint = refresh_hint
         self._context: ssl.SSLContext | None = None
         if tls is not None:
@@ -137,20 +143,40 @@ class BundleEndpoint:
         )
         return json.dumps(document).encode()
 
+    def _crl_answer(self, name: str) -> tuple[str, bytes]:
+        fingerprint = name.removesuffix(".der")
+        if self._crl is None:
+            return "404 Not Found", b'{"error": "this server publishes no CRLs"}'
+        if not name.endswith(".der") or not is_fingerprint(fingerprint):
+            return "404 Not Found", (
+                b'{"error": "a CRL is at /crl/<SHA-256 of the intermediate DER, '
+                b'64 lowercase hex digits>.der"}'
+            )
+        der = self._crl(fingerprint)
+        if der is None:
+            return "404 Not Found", b'{"error": "no CRL for that intermediate"}'
+        return "200 OK", der
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             if len(head) > _MAX_REQUEST:
                 raise ValueError("request too large")
             method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
+            path = target.split("?", 1)[0]
+            content_type = "application/json"
             if method not in ("GET", "HEAD"):
                 status, body = "405 Method Not Allowed", b'{"error": "use GET"}'
-            elif target.split("?", 1)[0] != "/":
+            elif path.startswith(_CRL_PREFIX):
+                status, body = self._crl_answer(path[len(_CRL_PREFIX) :])
+                if status.startswith("200"):
+                    content_type = "application/pkix-crl"
+            elif path != "/":
                 status, body = "404 Not Found", b'{"error": "the bundle is at /"}'
             else:
                 status, body = "200 OK", self.body()
             headers = (
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
                 "Connection: close\r\n\r\n"
             )

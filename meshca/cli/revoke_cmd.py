@@ -157,6 +157,7 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
         force=args.force,
     )
     with _store(settings) as store:
+        _check_crl_room(store, request, now)
         entry = store.add(request, now)
     blocks = "" if kind is not DenyKind.SERIAL else " (recorded; does not block issuance)"
     print(
@@ -164,6 +165,33 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
         f"log leaf {entry.leaf_index}; servers apply it within --journal-poll"
     )
     return 0
+
+
+def _check_crl_room(store: Any, request: Any, now: datetime) -> None:
+    """Refuse an entry that would put more certificates on the CRLs than one may list
+    (``core.crl.MAX_CRL_ENTRIES``): counted from the issuance log before adding."""
+    from dataclasses import replace
+
+    from meshca.adapters.storage.revoked_leaves import SqlRevokedLeaves
+    from meshca.core.crl import check_crl_room
+
+    if request.kind is DenyKind.KEY_SHA256:
+        return  # blocks issuance only; puts nothing on a CRL
+    leaves = SqlRevokedLeaves(store.engine)
+    current = store.load()
+    listed = {leaf.serial for leaf in leaves.revoked_leaves(current, now)}
+    candidate = DenyEntry(
+        id=-1,
+        kind=request.kind,
+        value=request.value,
+        reason=request.reason,
+        requested_by=request.requested_by,
+        created_at=now,
+        until=request.until,
+    )
+    grown = replace(current, entries=(*current.entries, candidate))
+    after = {leaf.serial for leaf in leaves.revoked_leaves(grown, now)}
+    check_crl_room(len(listed), len(after - listed))
 
 
 def _until_text(entry: DenyEntry) -> str:

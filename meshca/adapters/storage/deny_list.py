@@ -42,6 +42,10 @@ class SqlDenyList:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
     # -- reading (servers poll these) -----------------------------------------------------
 
     def revision(self) -> int:
