@@ -72,8 +72,8 @@ MAX_CRL_VALIDITY = timedelta(days=7)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Deny-list revisions are log leaf indexes (< 2**63): the low 64 bits of a CRL number.
 _REVISION_BITS = 64
-#: RFC 5280: a serial is a positive INTEGER of at most 20 octets.
-_SERIAL_BITS = 159
+#: RFC 5280: a serial is a positive INTEGER of at most 20 octets (under 2**159).
+_SERIAL_BITS = 160
 
 
 class CrlTooLarge(InvalidRequest):

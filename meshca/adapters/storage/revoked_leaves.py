@@ -41,9 +41,7 @@ class SqlRevokedLeaves:
     ) -> tuple[RevokedLeaf, ...]:
         """Unexpired issued certificates named by ``deny_list``'s entries standing at
         ``now``; at most ``limit`` (a caller seeing ``limit`` knows there may be more)."""
-        standing = [
-            e for e in deny_list.standing(now) if e.kind is not DenyKind.KEY_SHA256
-        ]
+        standing = [e for e in deny_list.standing(now) if e.kind is not DenyKind.KEY_SHA256]
         found: dict[tuple[str, int], RevokedLeaf] = {}
         try:
             with self._engine.connect() as connection:
@@ -92,8 +90,10 @@ def _names(entry: DenyEntry) -> ColumnElement[bool]:
         case _:
             under = entry.value + "/"
             upper = prefix_successor(under)
-            within = _R.spiffe_id >= under if upper is None else and_(
-                _R.spiffe_id >= under, _R.spiffe_id < upper
+            within = (
+                _R.spiffe_id >= under
+                if upper is None
+                else and_(_R.spiffe_id >= under, _R.spiffe_id < upper)
             )
             return or_(_R.spiffe_id == entry.value, within)
 
