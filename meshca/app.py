@@ -759,6 +759,9 @@ async def start_worker(
     crls = await asyncio.to_thread(
         build_crl_publisher, settings, engine, clock, authorities, deny_list
     )
+    # The CRLs also ride on GetTrustBundle/WatchTrustBundle (agents serve them on).
+    bundle.publish_crls(crls.current().ders())
+    crls.on_change = lambda published: bundle.publish_crls(published.ders())
     observers: list[OutcomeObserver] = [OutcomeLog()]
     if metrics is not None:
         observers.append(metrics.observe_outcome)

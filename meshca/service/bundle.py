@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from cryptography import x509
@@ -23,12 +23,14 @@ class BundleSnapshot:
     trust_domain: TrustDomain
     roots: tuple[x509.Certificate, ...]
     sequence: int
+    #: The intermediates' CRLs, DER (``service.crl``). A new set makes a new snapshot
+    #: with the same ``sequence``: that counts root changes and comes from the journal.
+    crls: tuple[bytes, ...] = ()
 
     @cached_property
     def roots_pems(self) -> tuple[str, ...]:
         # Encoded once per version: a change is sent to every watcher at once.
         return tuple(c.public_bytes(Encoding.PEM).decode() for c in self.roots)
-
 
 
 class TrustBundleService:
@@ -52,19 +54,32 @@ class TrustBundleService:
             return self._snapshot
         if sequence is None or sequence <= self._snapshot.sequence:
             sequence = self._snapshot.sequence + 1
-        self._snapshot = BundleSnapshot(self._snapshot.trust_domain, roots, sequence)
+        self._snapshot = BundleSnapshot(
+            self._snapshot.trust_domain, roots, sequence, self._snapshot.crls
+        )
+        self._wake()
+        return self._snapshot
+
+    def publish_crls(self, crls: tuple[bytes, ...]) -> BundleSnapshot:
+        """Replace the CRLs (same roots and sequence); a no-op when they are the same."""
+        if crls == self._snapshot.crls:
+            return self._snapshot
+        self._snapshot = replace(self._snapshot, crls=crls)
+        self._wake()
+        return self._snapshot
+
+    def _wake(self) -> None:
         # Wake current watchers, then arm a fresh event for the next change.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        return self._snapshot
 
     async def watch(self) -> AsyncIterator[BundleSnapshot]:
         """Yield the bundle now, then each newer version as it is published."""
-        sent = 0
+        sent: BundleSnapshot | None = None
         while True:
             snapshot = self._snapshot
-            if snapshot.sequence != sent:
-                sent = snapshot.sequence
+            if snapshot is not sent:
+                sent = snapshot
                 yield snapshot
                 continue
             await self._changed.wait()

@@ -118,6 +118,7 @@ class CrlPublisher:
         validity: timedelta,
         slack: timedelta,
         before_refresh: Callable[[], object] | None = None,
+        on_change: Callable[[CrlSet], object] | None = None,
         max_backoff: float = 60.0,
     ) -> None:
         self._source = source
@@ -128,6 +129,9 @@ class CrlPublisher:
         self.validity = validity
         self._slack = slack
         self._before_refresh = before_refresh
+        #: Called on the event loop with each new set (``run``), e.g. to put the CRLs in
+        #: the trust bundle stream.
+        self.on_change = on_change
         self._max_backoff = max_backoff
         self._set = CrlSet()
         self._basis: tuple[object, ...] | None = None
@@ -232,6 +236,8 @@ class CrlPublisher:
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        if self.on_change is not None:
+            self.on_change(self._set)
 
     def _set_degraded(self, problem: str | None) -> None:
         if problem == self.degraded:

@@ -35,6 +35,8 @@ pytestmark = pytest.mark.integration
 #: A CRL valid 6 s is re-signed every 3 s.
 VALIDITY = 6
 SLOW_CA = ["--root-rotation", "1h", "--root-ttl", "4h", "--intermediate-ttl", "1h"]
+#: Leaves live long enough to be listed through one re-sign, short enough to see them go.
+LEAF_TTL = 15
 
 
 @pytest.fixture
@@ -106,6 +108,8 @@ def test_a_revoked_serial_is_on_every_replicas_crl_and_openssl_refuses_it(
         port = free_port()
         extra = [*SLOW_CA, "--bundle-endpoint", f"127.0.0.1:{port}"]
         extra += ["--crl-validity", f"{VALIDITY}s"]
+        extra += ["--svid-ttl", f"{LEAF_TTL}s", "--max-svid-ttl", f"{LEAF_TTL}s"]
+        extra += ["--propagation-delay", f"{LEAF_TTL}s"]
         replica = start_replica(name, tmp_path, jwks, postgres_database_url, kek, extra=extra)
         replicas.append((replica, port))
     (a, port_a), (b, port_b) = replicas
@@ -160,6 +164,11 @@ def test_a_revoked_serial_is_on_every_replicas_crl_and_openssl_refuses_it(
     assert later.last_update_utc - first.last_update_utc == timedelta(seconds=VALIDITY // 2)
     assert _number(later) > _number(first)
     assert [r.serial_number for r in later] == [serial]
+
+    # Once the leaf has expired, the next CRL no longer lists it.
+    expiry = x509.load_pem_x509_certificate(revoked.certificate.encode()).not_valid_after_utc
+    _until(lambda: len(_crl(port_b, fingerprint)) == 0, LEAF_TTL + VALIDITY)
+    assert _crl(port_b, fingerprint).last_update_utc >= expiry
 
 
 def test_hostile_crl_paths_and_serials(

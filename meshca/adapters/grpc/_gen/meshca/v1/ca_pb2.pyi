@@ -43,11 +43,13 @@ class WatchTrustBundleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrustBundle(_message.Message):
-    __slots__ = ("trust_domain", "roots", "sequence")
+    __slots__ = ("trust_domain", "roots", "sequence", "crls")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CRLS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     roots: _containers.RepeatedScalarFieldContainer[str]
     sequence: int
-    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    crls: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., crls: _Optional[_Iterable[bytes]] = ...) -> None: ...
