@@ -118,7 +118,7 @@ class Settings:
     root_rotation: timedelta | None = None
     journal_poll: timedelta = timedelta(seconds=2)
     bundle_endpoint: str | None = None
-    crl_validity: timedelta = timedelta(hours=1)
+    crl_validity: timedelta = timedelta(hours=24)
     vault_addr: str | None = None
     vault_upstream: bool = False
     vault_transit: bool = False

@@ -41,7 +41,7 @@ HELP = {
     "bundle_endpoint": "serve the SPIFFE trust bundle over HTTPS at HOST:PORT, path / "
     "(plain HTTP with --plaintext)",
     "crl_validity": "each intermediate's CRL is valid this long (nextUpdate) and re-signed "
-    "at half of it and on every deny-list change (default 1h; 2s to 7d)",
+    "at half of it and on every deny-list change (default 24h; 2s to 7d)",
     "vault_addr": "Vault (OpenBao) address, e.g. https://vault:8200; Vault is off without it",
     "vault_upstream": "Vault's PKI owns the roots and signs meshca's intermediates",
     "vault_transit": "keep the CA private keys in Vault's Transit engine (none on disk)",

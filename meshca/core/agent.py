@@ -46,11 +46,13 @@ class AgentSvid:
 
 @dataclass(frozen=True)
 class TrustBundleView:
-    """The roots of one trust domain (DER), with the server's change counter."""
+    """The roots of one trust domain (DER), with the server's change counter, and the
+    CRLs (DER) of its intermediates."""
 
     trust_domain: str
     roots_der: tuple[bytes, ...]
     sequence: int
+    crls_der: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ class AgentState:
             # (it will shortly): serve the roots that verify the new SVID.
             trust_domain = svid.spiffe_id.split("/")[2]
             sequence = bundle.sequence if bundle else 0
-            bundle = TrustBundleView(trust_domain, roots_der, sequence)
+            crls = bundle.crls_der if bundle else ()
+            bundle = TrustBundleView(trust_domain, roots_der, sequence, crls)
         self._problems.pop("renewal", None)
         await self._publish(
             replace(
@@ -90,7 +91,11 @@ class AgentState:
 
     async def set_bundle(self, bundle: TrustBundleView) -> None:
         now = self._snapshot
-        if now.bundle is not None and now.bundle.roots_der == bundle.roots_der:
+        if (
+            now.bundle is not None
+            and now.bundle.roots_der == bundle.roots_der
+            and now.bundle.crls_der == bundle.crls_der
+        ):
             return
         await self._publish(replace(now, bundle=bundle, version=now.version + 1))
 
@@ -203,10 +208,11 @@ class AgentRunner:
                     attempt = 0
                     await self._state.set_upstream_problem("bundle", None)
                     log.info(
-                        "trust bundle %s sequence %d: %d roots",
+                        "trust bundle %s sequence %d: %d roots, %d CRLs",
                         bundle.trust_domain,
                         bundle.sequence,
                         len(bundle.roots_der),
+                        len(bundle.crls_der),
                     )
                     await self._state.set_bundle(bundle)
                 problem = "trust bundle watch ended"

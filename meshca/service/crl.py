@@ -91,11 +91,12 @@ class CrlSet:
 def publishing_intermediates(
     authorities: AuthoritySet, now: datetime
 ) -> list[tuple[CrlIssuer, str]]:
-    """The intermediates that publish a CRL at ``now``, with their key refs: active or
-    retired (their leaves may still be live), not yet expired, and with a key meshca
-    holds."""
+    """The intermediates that publish a CRL at ``now``, with their key refs: active,
+    retired (their leaves may still be live) or prepared (so that relying parties that
+    need a CRL for every issuer, as Envoy does, hold one before its first leaf), not
+    yet expired, and with a key meshca holds."""
     chosen: list[tuple[CrlIssuer, str]] = []
-    states = (AuthorityState.ACTIVE, AuthorityState.RETIRED)
+    states = (AuthorityState.PREPARED, AuthorityState.ACTIVE, AuthorityState.RETIRED)
     for entry in authorities.select(AuthorityKind.INTERMEDIATE, *states):
         if entry.key_ref is None or entry.not_after <= now:
             continue

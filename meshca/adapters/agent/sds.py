@@ -1,7 +1,8 @@
 """Envoy SDS (``envoy.service.secret.v3.SecretDiscoveryService``) on the agent's socket.
 
 Two secrets, named as istio-agent names them: ``default`` (the workload's chain and key)
-and ``ROOTCA`` (a validation context with the trust bundle). Other names are logged and
+and ``ROOTCA`` (a validation context with the trust bundle and, once the server sends
+them, the intermediates' CRLs, checked against leaves only). Other names are logged and
 left out of responses (a State-of-the-World server does not send resources it does not
 have); ``FetchSecrets`` for nothing but unknown names is NOT_FOUND.
 
@@ -54,13 +55,19 @@ def _pem(ders: Iterable[bytes]) -> bytes:
     )
 
 
+def _crl_pem(ders: Iterable[bytes]) -> bytes:
+    return b"".join(
+        x509.load_der_x509_crl(d).public_bytes(serialization.Encoding.PEM) for d in ders
+    )
+
+
 def _content(name: str, snapshot: AgentSnapshot) -> object | None:
     """What secret ``name`` holds in ``snapshot`` (comparable), None while unavailable."""
     if name == DEFAULT and svid_usable(snapshot.svid, datetime.now(UTC)):
         assert snapshot.svid is not None
         return (snapshot.svid.chain_der, snapshot.svid.key_der)
     if name == ROOTCA and snapshot.bundle is not None and snapshot.bundle.roots_der:
-        return snapshot.bundle.roots_der
+        return (snapshot.bundle.roots_der, snapshot.bundle.crls_der)
     return None
 
 
@@ -82,12 +89,15 @@ def _secret(name: str, snapshot: AgentSnapshot) -> secret_pb2.Secret:
             ),
         )
     assert snapshot.bundle is not None
-    return secret_pb2.Secret(
-        name=ROOTCA,
-        validation_context=common_pb2.CertificateValidationContext(
-            trusted_ca=base_pb2.DataSource(inline_bytes=_pem(snapshot.bundle.roots_der))
-        ),
+    context = common_pb2.CertificateValidationContext(
+        trusted_ca=base_pb2.DataSource(inline_bytes=_pem(snapshot.bundle.roots_der))
     )
+    if snapshot.bundle.crls_der:
+        # Leaves only: meshca's roots publish no CRL, and Envoy refuses a chain in which
+        # one CA has a CRL and another has none.
+        context.crl.inline_bytes = _crl_pem(snapshot.bundle.crls_der)
+        context.only_verify_leaf_cert_crl = True
+    return secret_pb2.Secret(name=ROOTCA, validation_context=context)
 
 
 def secrets_for(names: Iterable[str], snapshot: AgentSnapshot) -> list[any_pb2.Any]:

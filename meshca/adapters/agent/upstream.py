@@ -127,7 +127,13 @@ class GrpcUpstream:
                     roots = tuple(_der(p) for p in message.roots)
                 except ValueError as exc:
                     raise BackendUnavailable(f"WatchTrustBundle: bad root: {exc}") from exc
-                yield TrustBundleView(message.trust_domain, roots, message.sequence)
+                crls = tuple(bytes(c) for c in message.crls)
+                for crl in crls:
+                    try:
+                        x509.load_der_x509_crl(crl)
+                    except ValueError as exc:
+                        raise BackendUnavailable(f"WatchTrustBundle: bad CRL: {exc}") from exc
+                yield TrustBundleView(message.trust_domain, roots, message.sequence, crls)
         except grpc.RpcError as exc:
             raise _error(exc, "WatchTrustBundle") from exc
         finally:

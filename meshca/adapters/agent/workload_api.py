@@ -103,21 +103,24 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
                         x509_svid_key=svid.key_der,
                         bundle=b"".join(bundle.roots_der),
                     )
-                ]
+                ],
+                crl=list(bundle.crls_der),
             )
 
     async def FetchX509Bundles(
         self, request: workload_pb2.X509BundlesRequest, context: Context
     ) -> AsyncIterator[workload_pb2.X509BundlesResponse]:
         await _require_header(context, "FetchX509Bundles")
-        last: tuple[bytes, ...] | None = None
+        last: tuple[tuple[bytes, ...], tuple[bytes, ...]] | None = None
         async for snapshot in self._snapshots():
-            assert snapshot.bundle is not None
-            if snapshot.bundle.roots_der == last:
+            bundle = snapshot.bundle
+            assert bundle is not None
+            if (bundle.roots_der, bundle.crls_der) == last:
                 continue  # only the SVID changed
-            last = snapshot.bundle.roots_der
+            last = (bundle.roots_der, bundle.crls_der)
             yield workload_pb2.X509BundlesResponse(
-                bundles={_trust_domain_id(snapshot): b"".join(last)}
+                bundles={_trust_domain_id(snapshot): b"".join(bundle.roots_der)},
+                crl=list(bundle.crls_der),
             )
 
     async def FetchJWTSVID(
