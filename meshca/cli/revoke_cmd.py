@@ -37,9 +37,12 @@ Deny issuance to an identity or a key, or revoke a serial, with who asked, when 
 While an entry stands, a request for a denied SPIFFE ID (exactly, or under a denied
 prefix on a path-segment boundary) or with a denied public key (SHA-256 of the CSR's DER
 SubjectPublicKeyInfo) is refused with PERMISSION_DENIED and recorded as a refusal
-(reason 'revoked', naming the entry). A --serial entry does not block issuance; it is
-recorded and listed for revocation lists. Every add and lift is a record of the
-verifiable issuance log ('meshca audit query --outcome revoked').
+(reason 'revoked', naming the entry). A --serial entry does not block issuance: it puts
+that certificate on its intermediate's CRL. --spiffe-id and --spiffe-id-prefix entries
+also put those identities' unexpired certificates on the CRLs (--key-sha256 entries do
+not: the log records no keys). An entry that would take the CRLs past 10000 unexpired
+certificates is refused. Servers re-sign the CRLs within --journal-poll. Every add and
+lift is a record of the verifiable issuance log ('meshca audit query --outcome revoked').
 
   meshca revoke --spiffe-id spiffe://cluster.local/ns/shop/sa/cart --reason "key leaked"
   meshca revoke list
@@ -47,7 +50,7 @@ verifiable issuance log ('meshca audit query --outcome revoked').
 """
 
 _TARGETS = (
-    ("serial", DenyKind.SERIAL, "certificate serial, hex (recorded; does not block issuance)"),
+    ("serial", DenyKind.SERIAL, "certificate serial, hex (on the CRL; does not block issuance)"),
     ("spiffe_id", DenyKind.SPIFFE_ID, "deny this SPIFFE ID exactly"),
     (
         "spiffe_id_prefix",
@@ -159,7 +162,7 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
     with _store(settings) as store:
         _check_crl_room(store, request, now)
         entry = store.add(request, now)
-    blocks = "" if kind is not DenyKind.SERIAL else " (recorded; does not block issuance)"
+    blocks = "" if kind is not DenyKind.SERIAL else " (on the CRL; does not block issuance)"
     print(
         f"deny-list entry {entry.id}: {entry.kind} {entry.value}{_until_text(entry)}{blocks}; "
         f"log leaf {entry.leaf_index}; servers apply it within --journal-poll"

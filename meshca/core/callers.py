@@ -76,7 +76,12 @@ CALLERS: tuple[CallerRow, ...] = (
     ),
     CallerRow(
         api="trust bundle",
-        methods=(f"{_CA}/GetTrustBundle", f"{_CA}/WatchTrustBundle", "GET / (--bundle-endpoint)"),
+        methods=(
+            f"{_CA}/GetTrustBundle",
+            f"{_CA}/WatchTrustBundle",
+            "GET / (--bundle-endpoint)",
+            "GET /crl/<sha256>.der (--bundle-endpoint)",
+        ),
         access=Access.PUBLIC,
         credential="none",
         allowed="anyone (public data)",
