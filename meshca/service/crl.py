@@ -35,19 +35,27 @@ from meshca.core.crl import (
     crl_times,
 )
 from meshca.core.denylist import DenyList
-from meshca.core.errors import MeshcaError
+from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.ports import Clock
 from meshca.core.rotation import AuthorityKind, AuthoritySet, AuthorityState
 
 __all__ = [
     "CrlPublisher",
     "CrlSet",
+    "CrlSigningFailed",
     "PublishedCrl",
     "RevokedLeafSource",
     "publishing_intermediates",
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``key_ref`` prefix of a key held by an upstream CA (``service.authority.UPSTREAM_REF``).
+_UPSTREAM_REF = "upstream:"
+
+
+class CrlSigningFailed(BackendUnavailable):
+    """Some intermediate's CRL could not be signed; the others were (``current`` has them)."""
 
 
 class RevokedLeafSource(Protocol):
@@ -98,7 +106,9 @@ def publishing_intermediates(
     chosen: list[tuple[CrlIssuer, str]] = []
     states = (AuthorityState.PREPARED, AuthorityState.ACTIVE, AuthorityState.RETIRED)
     for entry in authorities.select(AuthorityKind.INTERMEDIATE, *states):
-        if entry.key_ref is None or entry.not_after <= now:
+        if entry.key_ref is None or entry.key_ref.startswith(_UPSTREAM_REF):
+            continue
+        if entry.not_after <= now:
             continue
         issuer = CrlIssuer(entry.certificate, entry.activated_at, entry.retired_at)
         chosen.append((issuer, entry.key_ref))
@@ -164,6 +174,7 @@ class CrlPublisher:
                 "the CRLs keep their last content"
             )
         crls: dict[str, PublishedCrl] = {}
+        failed: list[str] = []
         for issuer, key_ref in issuers:
             content = crl_content(
                 issuer,
@@ -173,10 +184,19 @@ class CrlPublisher:
                 validity=self.validity,
                 slack=self._slack,
             )
-            signer = self._signers.get(key_ref)
-            if signer is None:
-                signer = self._load_key(key_ref)
-            der = build_crl(content, issuer.certificate, signer)
+            try:
+                signer = self._signers.get(key_ref)
+                if signer is None:
+                    signer = self._load_key(key_ref)
+                der = build_crl(content, issuer.certificate, signer)
+            except MeshcaError as error:
+                # One key that cannot sign (Vault down, a key removed meanwhile) must
+                # not hold back the other intermediates' CRLs: this one keeps its last.
+                failed.append(f"intermediate {issuer.fingerprint[:16]}: {error.message}")
+                previous = self._set.crls.get(issuer.fingerprint)
+                if previous is not None:
+                    crls[issuer.fingerprint] = previous
+                continue
             self._signers[key_ref] = signer
             crls[issuer.fingerprint] = PublishedCrl(
                 fingerprint=issuer.fingerprint,
@@ -191,13 +211,16 @@ class CrlPublisher:
         refs = {ref for _, ref in issuers}
         self._signers = {ref: key for ref, key in self._signers.items() if ref in refs}
         self._set = CrlSet(self._set.version + 1, MappingProxyType(crls))
-        self._basis = basis
+        # After a failure the same basis is tried again next round.
+        self._basis = None if failed else basis
         log.info(
             "CRLs signed for %d intermediate(s), deny-list revision %d: %s",
             len(crls),
             deny.revision,
             ", ".join(f"{fp[:12]} #{c.number} {len(c.serials)} revoked" for fp, c in crls.items()),
         )
+        if failed:
+            raise CrlSigningFailed("; ".join(failed))
         return True
 
     async def watch(self) -> AsyncIterator[CrlSet]:
@@ -215,9 +238,9 @@ class CrlPublisher:
         """Refresh every ``interval`` seconds until ``stop``; back off while failing."""
         delay = interval
         while not stop.is_set():
-            changed = False
+            version = self._set.version
             try:
-                changed = await asyncio.to_thread(self.refresh)
+                await asyncio.to_thread(self.refresh)
             except MeshcaError as error:
                 delay = min(max(delay, interval) * 2, max(self._max_backoff, interval))
                 self._set_degraded(f"{error.message}; retrying in {delay:.3g}s")
@@ -228,8 +251,9 @@ class CrlPublisher:
             else:
                 delay = interval
                 self._set_degraded(None)
-            if changed:
-                # On the event loop: asyncio events are not thread-safe.
+            if self._set.version != version:
+                # New CRLs (all, or all but a failed one's): wake watchers, on the event
+                # loop since asyncio events are not thread-safe.
                 self._wake()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)

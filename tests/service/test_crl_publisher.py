@@ -23,7 +23,7 @@ from meshca.core.rotation import (
     AuthorityState,
 )
 from meshca.core.spiffe import TrustDomain
-from meshca.service.crl import CrlPublisher, CrlSet
+from meshca.service.crl import CrlPublisher, CrlSet, CrlSigningFailed
 from tests.fakes import FakeClock
 
 TD = TrustDomain("example.org")
@@ -119,7 +119,10 @@ class _Journal:
         return entry.certificate
 
     def load(self, ref: str) -> ec.EllipticCurvePrivateKey:
+        """As a key manager does: ``BackendUnavailable`` for a key it cannot give."""
         self.loads += 1
+        if ref not in self.keys:
+            raise BackendUnavailable(f"no key {ref}")
         return self.keys[ref]
 
 
@@ -299,3 +302,24 @@ async def test_run_refreshes_every_interval_wakes_watchers_and_reports_degraded(
         stop.set()
         await asyncio.wait_for(task, 5)
     assert seen and seen[-1] == second.version
+
+
+def test_one_key_that_cannot_sign_does_not_hold_back_the_others() -> None:
+    world = _World()
+    publisher = world.publisher()
+    publisher.refresh()
+    before = publisher.current()
+    retired = _fp(world.journal.cert("int-2"))
+    # The retired intermediate's key is gone (removed meanwhile, or Vault refuses it).
+    del world.journal.keys["key-2"]
+    publisher._signers.clear()  # a fresh process: every key is loaded again
+    world.revoke("42", world.clock.now() - timedelta(minutes=1))
+    with pytest.raises(CrlSigningFailed, match=retired[:16]):
+        publisher.refresh()
+    after = publisher.current()
+    assert after.version > before.version
+    assert _listed(after, world.journal, "int-3") == [0x42]  # the others were re-signed
+    assert after.crls[retired] is before.crls[retired]  # this one keeps its last CRL
+    # Tried again next round (the basis was not taken), still failing for that key only.
+    with pytest.raises(CrlSigningFailed):
+        publisher.refresh()
