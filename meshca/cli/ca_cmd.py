@@ -161,7 +161,7 @@ def format_status(
     """The lifecycle as a table, then what happens next and when."""
     columns = ("KIND", "ID", "STATE", "SOURCE", "SINCE", "NOT BEFORE", "NOT AFTER", "SHA-256")
     rows: list[tuple[str, ...]] = [columns]
-    order = {"root": 0, "intermediate": 1}
+    order = {"root": 0, "intermediate": 1, "jwt-key": 2}
     for entry in sorted(
         authorities.entries, key=lambda e: (order[e.kind], e.state != "active", e.prepared_at)
     ):

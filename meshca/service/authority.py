@@ -34,6 +34,7 @@ from meshca.core.authority import (
     trust_domain_ids,
 )
 from meshca.core.errors import AuthorityNotReady, MeshcaError, UnsafeChange
+from meshca.core.jwt_svid import JwtKey, build_jwt_key_certificate
 from meshca.core.ports import (
     AuthorityJournal,
     Clock,
@@ -57,7 +58,7 @@ from meshca.core.rotation import (
 )
 from meshca.core.spiffe import TrustDomain
 
-__all__ = ["UPSTREAM_REF", "AuthorityService", "AuthorityView", "StepReport"]
+__all__ = ["UPSTREAM_REF", "AuthorityService", "AuthorityView", "JwtSigner", "StepReport"]
 
 #: ``key_ref`` of a root held by the upstream CA: ``upstream:<its name there>``.
 UPSTREAM_REF = "upstream:"
@@ -80,15 +81,30 @@ class StepReport:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class JwtSigner:
+    """The active JWT-SVID key: its ``kid``, signer and end."""
+
+    kid: str
+    signer: SignerKey
+    not_after: datetime
+
+
 @dataclass(frozen=True)
 class AuthorityView:
-    """One process's picture of the journal: the issuer to sign with and the bundle."""
+    """One process's picture of the journal: the issuer to sign with and the bundle.
+
+    ``jwt_keys`` are the JWT-SVID keys verifiers must know (``AuthoritySet.jwt_bundle``);
+    ``jwt_signer`` is the active one, None when JWT keys are off or none is active yet.
+    """
 
     authorities: AuthoritySet
     authority: Authority | None
     bundle: tuple[x509.Certificate, ...]
     problem: str | None = None
     bundle_sequence: int = 1
+    jwt_keys: tuple[JwtKey, ...] = ()
+    jwt_signer: JwtSigner | None = None
 
 
 @dataclass
@@ -125,6 +141,7 @@ class AuthorityService:
         self._checkpoint = checkpoint
         self._upstream = upstream
         self._signers: dict[str, SignerKey] = {}
+        self._jwt_signers: dict[str, SignerKey] = {}
         self._view = AuthorityView(AuthoritySet(), None, (), "not loaded yet")
         self._signature: tuple[tuple[str, str], ...] | None = None
         self._refresh_lock = threading.Lock()
@@ -159,13 +176,38 @@ class AuthorityService:
                 self._signature = signature
             return self._view
 
+    def jwt_signer(self) -> JwtSigner:
+        """The key to sign JWT-SVIDs with; raises ``AuthorityNotReady`` when there is none."""
+        signer = self._view.jwt_signer
+        if signer is None:
+            raise AuthorityNotReady("no active JWT-SVID key yet", reason="jwt-key-not-ready")
+        return signer
+
+    def _jwt_view(self, authorities: AuthoritySet) -> tuple[tuple[JwtKey, ...], JwtSigner | None]:
+        keys = tuple(JwtKey.from_certificate(e.id, e.certificate) for e in authorities.jwt_bundle())
+        active = authorities.active_jwt_key
+        if active is None or active.key_ref is None:
+            return keys, None
+        signer = self._jwt_signers.get(active.key_ref)
+        if signer is None:
+            signer = self._keys.load(active.key_ref)
+            self._jwt_signers = {active.key_ref: signer}
+        return keys, JwtSigner(active.id, signer, active.not_after)
+
     def _build_view(self, authorities: AuthoritySet) -> AuthorityView:
         bundle = authorities.bundle()
         sequence = authorities.bundle_sequence()
+        jwt_keys, jwt_signer = self._jwt_view(authorities)
         intermediate = authorities.active_intermediate
         if intermediate is None or intermediate.key_ref is None:
             return AuthorityView(
-                authorities, None, bundle, "no active intermediate CA", bundle_sequence=sequence
+                authorities,
+                None,
+                bundle,
+                "no active intermediate CA",
+                bundle_sequence=sequence,
+                jwt_keys=jwt_keys,
+                jwt_signer=jwt_signer,
             )
         signer = self._signers.get(intermediate.key_ref)
         if signer is None:
@@ -178,7 +220,14 @@ class AuthorityService:
             chain=intermediate.chain,
             roots=bundle,
         )
-        return AuthorityView(authorities, authority, bundle, bundle_sequence=sequence)
+        return AuthorityView(
+            authorities,
+            authority,
+            bundle,
+            bundle_sequence=sequence,
+            jwt_keys=jwt_keys,
+            jwt_signer=jwt_signer,
+        )
 
     # -- the rotator ---------------------------------------------------------------------
 
@@ -266,6 +315,10 @@ class AuthorityService:
                 ids = (self._prepare_intermediate(root, now).id,)
             case Step.ACTIVATE_INTERMEDIATE:
                 ids = self._activate_intermediate(authorities, now)
+            case Step.PREPARE_JWT_KEY:
+                ids = (self._prepare_jwt_key(now).id,)
+            case Step.ACTIVATE_JWT_KEY:
+                ids = self._activate_jwt_key(authorities, now)
             case Step.REMOVE:
                 assert planned.target is not None
                 ids = (self._remove(authorities, planned.target, now),)
@@ -408,6 +461,38 @@ class AuthorityService:
         self._checkpoint("activate-intermediate:before-record")
         self._journal.record([], moves, now)
         self._checkpoint("activate-intermediate:recorded")
+        return tuple(m.id for m in moves)
+
+    def _prepare_jwt_key(self, now: datetime) -> AuthorityEntry:
+        self._checkpoint("prepare-jwt-key:start")
+        key_ref, key = self._keys.create("jwt")
+        self._checkpoint("prepare-jwt-key:key-stored")
+        certificate = build_jwt_key_certificate(
+            key, self._trust_domain, now, self.policy.jwt_key_ttl, self._new_serial()
+        )
+        entry = AuthorityEntry(
+            id=entry_id(certificate),
+            kind=AuthorityKind.JWT_KEY,
+            state=AuthorityState.PREPARED,
+            source=AuthoritySource.SELF,
+            certificate=certificate,
+            parent_id=None,
+            key_ref=key_ref,
+            prepared_at=now,
+        )
+        self._journal.record([entry], [], now)
+        self._checkpoint("prepare-jwt-key:recorded")
+        return entry
+
+    def _activate_jwt_key(self, authorities: AuthoritySet, now: datetime) -> tuple[str, ...]:
+        waiting = authorities.prepared_jwt_key
+        assert waiting is not None
+        moves = [Transition(waiting.id, AuthorityState.PREPARED, AuthorityState.ACTIVE)]
+        old = authorities.active_jwt_key
+        if old is not None:
+            moves.append(Transition(old.id, AuthorityState.ACTIVE, AuthorityState.RETIRED))
+        self._journal.record([], moves, now)
+        self._checkpoint("activate-jwt-key:recorded")
         return tuple(m.id for m in moves)
 
     def _remove(self, authorities: AuthoritySet, target: str, now: datetime) -> str:
