@@ -69,6 +69,7 @@ from meshca.adapters.metrics import (
     meshca_metrics,
     start_metrics_server,
 )
+from meshca.adapters.oidc_discovery import oidc_endpoint
 from meshca.adapters.open_files import connection_cap, raise_open_files_limit
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
@@ -104,6 +105,7 @@ from meshca.service.authority import AuthorityService
 from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService, serial_hex
+from meshca.service.jwt_svid import JwtSvidService
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
@@ -389,6 +391,8 @@ class Worker:
     serving: ServingCertificate | None = None
     bundle_endpoint: BundleEndpoint | None = None
     bundle_port: int | None = None
+    oidc_endpoint: BundleEndpoint | None = None
+    oidc_port: int | None = None
     authz: AuthorizationService | None = None
     decisions: SqlDecisionLog | None = None
     audit_port: int | None = None
@@ -414,6 +418,8 @@ class Worker:
         log.info("no new calls taken; %d call(s) in flight", self.gate.in_flight)
         if self.bundle_endpoint is not None:
             await self.bundle_endpoint.stop()
+        if self.oidc_endpoint is not None:
+            await self.oidc_endpoint.stop()
         if not await self.gate.idle(budget.calls):
             log.warning(
                 "%d call(s) still running after %.3gs: aborting them",
@@ -646,13 +652,14 @@ async def start_worker(
         return loop.run_in_executor(executor, fn)
 
     view = authorities.view
-    bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
+    bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence, view.jwt_keys)
     observers: list[OutcomeObserver] = [OutcomeLog()]
     if metrics is not None:
         observers.append(metrics.observe_outcome)
+    attestor = build_attestor(settings, clock, metrics)
     ca = CertificateService(
         trust_domain=trust_domain,
-        attestor=build_attestor(settings, clock, metrics),
+        attestor=attestor,
         audit_log=audit,
         authority=authorities.current,
         clock=clock,
@@ -663,6 +670,18 @@ async def start_worker(
         new_serial=new_serial,
         # Transit signs over the network: keep that off the event loop. Local keys sign
         # in microseconds, and a worker process owns its core anyway.
+        offload=offload if settings.vault_transit else None,
+        on_outcome=each(observers),
+    )
+    jwt = JwtSvidService(
+        trust_domain=trust_domain,
+        attestor=attestor,
+        audit_log=audit,
+        signer=authorities.jwt_signer,
+        clock=clock,
+        max_ttl=settings.max_jwt_svid_ttl,
+        new_jti=lambda: serial_hex(new_serial()),
+        issuer=settings.jwt_issuer,
         offload=offload if settings.vault_transit else None,
         on_outcome=each(observers),
     )
@@ -691,6 +710,7 @@ async def start_worker(
         audit=audit_servicer,
         gate=gate,
         limits=limits,
+        jwt=jwt,
     )
     audit_port = None
     if settings.audit_listen and serving is not None and tls is not None:
@@ -762,6 +782,11 @@ async def start_worker(
             )
         bundle_host, _, bundle_port_text = settings.bundle_endpoint.rpartition(":")
         bundle_port = await endpoint.start(bundle_host.strip("[]"), int(bundle_port_text))
+    oidc, oidc_port = None, None
+    if settings.oidc_discovery is not None and settings.jwt_issuer is not None:
+        oidc = oidc_endpoint(bundle.current, settings.jwt_issuer)
+        oidc_host, _, oidc_port_text = settings.oidc_discovery.rpartition(":")
+        oidc_port = await oidc.start(oidc_host.strip("[]"), int(oidc_port_text))
     metrics_server = None
     if settings.metrics_listen is not None and record_writer is None:
         # A worker of ``serve`` leaves this to the supervisor, which sums every worker.
@@ -794,6 +819,8 @@ async def start_worker(
         serving=serving,
         bundle_endpoint=endpoint,
         bundle_port=bundle_port,
+        oidc_endpoint=oidc,
+        oidc_port=oidc_port,
         authz=authz,
         decisions=decisions,
         audit_port=audit_port,

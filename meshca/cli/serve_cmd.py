@@ -79,6 +79,12 @@ HELP = {
     "before the server exits; a second signal cuts it short (default 10s)",
     "connection_idle_timeout": "close a client connection with no call open for this long "
     "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
+    "max_jwt_svid_ttl": "longest lifetime a JWT-SVID may be asked for (default 1h; a request "
+    "for none gets 5m)",
+    "jwt_issuer": "the 'iss' claim of every JWT-SVID: the public https:// URL where "
+    "--oidc-discovery is reached (default: no 'iss')",
+    "oidc_discovery": "HOST:PORT serving /.well-known/openid-configuration and its JWKS "
+    "(/keys) in plain HTTP, for outside JWT-SVID verifiers behind --jwt-issuer's URL",
 }
 
 

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshca.adapters.grpc import ext_authz, policy_servicer
+from meshca.adapters.grpc import ext_authz, jwt_servicer, policy_servicer
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
@@ -25,6 +25,7 @@ from meshca.adapters.grpc.gate import CallGate
 from meshca.service.authz import AuthorizationService
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService
+from meshca.service.jwt_svid import JwtSvidService
 
 __all__ = [
     "AUDIT_SERVICE_NAME",
@@ -155,6 +156,7 @@ def build_server(
     audit: audit_pb2_grpc.AuditServiceServicer | None = None,
     gate: CallGate | None = None,
     limits: ConnectionLimits | None = None,
+    jwt: JwtSvidService | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the server; returns it, the bound port and the health servicer.
 
@@ -189,6 +191,8 @@ def build_server(
         policy_servicer.add_to_server(authz, server, record_counters, gate)
     if audit is not None:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(error_mapped(audit, gate), server)
+    if jwt is not None:
+        jwt_servicer.add_to_server(jwt, server, gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -196,6 +200,7 @@ def build_server(
             *SERVICE_NAMES,
             *(POLICY_SERVICE_NAMES if authz is not None else ()),
             *((AUDIT_SERVICE_NAME,) if audit is not None else ()),
+            *((jwt_servicer.SERVICE_NAME,) if jwt is not None else ()),
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -43,11 +43,13 @@ class WatchTrustBundleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrustBundle(_message.Message):
-    __slots__ = ("trust_domain", "roots", "sequence")
+    __slots__ = ("trust_domain", "roots", "sequence", "jwt_bundle")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    JWT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     roots: _containers.RepeatedScalarFieldContainer[str]
     sequence: int
-    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    jwt_bundle: bytes
+    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., jwt_bundle: _Optional[bytes] = ...) -> None: ...
