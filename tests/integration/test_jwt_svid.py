@@ -23,9 +23,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc, jwt_pb2, jwt_pb2_grpc
+from meshca.adapters.vault.transit_key import TransitSigningKey
 from meshca.cli import main as meshca_main
 from meshca.cli.ca_cmd import load_bundle
-from tests.integration.server_harness import RunningServer, running_server
+from tests.fixtures_vault import OpenBao, vault_overrides
+from tests.integration.serve_process import launch
+from tests.integration.server_harness import (
+    RunningServer,
+    TokenMinter,
+    running_server,
+    serve_command,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -269,3 +277,105 @@ async def test_a_key_certificate_is_never_a_root(server: RunningServer) -> None:
     roots = load_bundle(server.settings.data_dir)
     assert len(roots) == 1
     assert roots[0].extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_meshca_serve_workers_sign_jwt_svids_on_postgres(
+    tmp_path: Path, postgres_database_url: str
+) -> None:
+    """A real ``meshca serve`` (two worker processes, PostgreSQL): every worker signs with
+    the one active key, an outside verifier accepts every token through OIDC discovery,
+    and the log of the records verifies."""
+    minter, jwks_path = TokenMinter.create(tmp_path)
+    oidc_port = _free_port()
+    issuer = f"http://127.0.0.1:{oidc_port}"
+    data_dir = tmp_path / "data"
+    command = serve_command(
+        data_dir,
+        jwks_path,
+        workers=2,
+        extra=[
+            "--plaintext",
+            "--database-url",
+            postgres_database_url,
+            "--oidc-discovery",
+            f"127.0.0.1:{oidc_port}",
+            "--jwt-issuer",
+            issuer,
+            "--tree-head-interval",
+            "1h",
+        ],
+    )
+    served = launch("jwt", data_dir, command, workers=2)
+    jtis, kids = [], set()
+    try:
+        for i in range(8):
+            # A channel per call: the kernel spreads connections over the workers.
+            with grpc.insecure_channel(served.target) as channel:
+                stub = jwt_pb2_grpc.JwtSvidServiceStub(channel)
+                signed = stub.SignJwtSvid(
+                    jwt_pb2.SignJwtSvidRequest(audiences=[f"svc-{i}"]),
+                    metadata=[("authorization", f"Bearer {minter.mint('shop', 'web')}")],
+                    timeout=10,
+                )
+            claims = _verify_with_oidc_discovery(signed.token, issuer, f"svc-{i}")
+            assert claims["sub"] == WEB_ID and claims["iss"] == issuer
+            jtis.append(claims["jti"])
+            kids.add(jwt.get_unverified_header(signed.token)["kid"])
+        assert len(kids) == 1, "every worker signs with the one active key"
+    finally:
+        assert served.stop() == 0, served.log()
+    assert len(set(jtis)) == 8
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = meshca_main(
+            [
+                "audit",
+                "verify",
+                "--data-dir",
+                str(data_dir),
+                "--database-url",
+                postgres_database_url,
+            ]
+        )
+    assert code == 0, out.getvalue()
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = meshca_main(
+            [
+                "audit",
+                "query",
+                "--database-url",
+                postgres_database_url,
+                "--api",
+                "meshca.v1.SignJwtSvid",
+                "--format",
+                "json",
+                "--limit",
+                "0",
+            ]
+        )
+    assert code == 0
+    assert sorted(r["serial"] for r in json.loads(out.getvalue())) == sorted(jtis)
+
+
+async def test_jwt_svids_signed_by_a_vault_transit_key(openbao: OpenBao, tmp_path: Path) -> None:
+    """With --vault-transit the JWT key lives in Vault like the CA keys; its tokens verify."""
+    overrides = vault_overrides(openbao, tmp_path, transit=True)
+    overrides["vault_upstream"] = False
+    async for server in running_server(tmp_path, **overrides):
+        assert isinstance(server.worker.authorities.jwt_signer().signer, TransitSigningKey)
+        signed = await _sign(server)
+        async with server.channel() as channel:
+            trust = await ca_pb2_grpc.CertificateServiceStub(channel).GetTrustBundle(
+                ca_pb2.GetTrustBundleRequest()
+            )
+        (key,) = json.loads(trust.jwt_bundle)["keys"]
+        claims = jwt.decode(
+            signed.token,
+            jwt.PyJWK(key, algorithm="ES256"),
+            algorithms=["ES256"],
+            audience="https://db.example.org",
+        )
+        assert claims["sub"] == WEB_ID
+    assert not list((tmp_path / "data" / "ca").glob("keys/*")), "no key on disk"
