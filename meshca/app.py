@@ -683,7 +683,9 @@ async def start_worker(
         new_jti=lambda: serial_hex(new_serial()),
         issuer=settings.jwt_issuer,
         offload=offload if settings.vault_transit else None,
-        on_outcome=each(observers),
+        on_outcome=each(
+            [OutcomeLog(jwt_svids=True), *([] if metrics is None else [metrics.observe_outcome])]
+        ),
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
