@@ -26,6 +26,7 @@ from meshca.cli.serve_cmd import HELP
 from meshca.config import ConfigError, Settings, load_settings
 from meshca.core.authority import SignerKey
 from meshca.core.errors import MeshcaError, UnsafeChange
+from meshca.core.jwt_svid import JwtKey
 from meshca.core.rotation import AuthoritySet, AuthorityState, Rotation
 
 __all__ = ["load_bundle", "register"]
@@ -80,6 +81,23 @@ def load_bundle(data_dir: Path, database_url: str | None = None) -> tuple[x509.C
     return legacy.load_roots() if legacy.exists() else ()
 
 
+def load_jwt_keys(data_dir: Path, database_url: str | None = None) -> tuple[JwtKey, ...]:
+    """The JWT-SVID keys verifiers must know, from the journal (none before it had any)."""
+    from meshca.adapters.storage.engine import make_engine
+    from meshca.adapters.storage.journal import SqlAuthorityJournal
+
+    if not (database_url or (data_dir / "meshca.db").exists()):
+        return ()
+    engine = make_engine(database_url or Settings(data_dir=data_dir).effective_database_url)
+    try:
+        entries = SqlAuthorityJournal(engine).load().jwt_bundle()
+    except MeshcaError:
+        return ()
+    finally:
+        engine.dispose()
+    return tuple(JwtKey.from_certificate(e.id, e.certificate) for e in entries)
+
+
 def _no_ca(data_dir: Path) -> int:
     print(
         f"meshca: no CA in {data_dir}: start 'meshca serve --data-dir {data_dir}' once to "
@@ -98,7 +116,12 @@ def _bundle(args: argparse.Namespace) -> int:
         from meshca.adapters.bundle_endpoint import spiffe_bundle_document
 
         refresh = (args.refresh_hint or timedelta(minutes=5)).total_seconds()
-        document = spiffe_bundle_document(roots, sequence=args.sequence, refresh_hint=refresh)
+        document = spiffe_bundle_document(
+            roots,
+            sequence=args.sequence,
+            refresh_hint=refresh,
+            jwt_keys=load_jwt_keys(data_dir, args.database_url),
+        )
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return 0
     for root in roots:

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from meshca.core.authority import SignerKey, hash_for
-from meshca.core.errors import InternalError, InvalidRequest
+from meshca.core.errors import AuthorityNotReady, InternalError, InvalidRequest
 from meshca.core.spiffe import TrustDomain
 
 __all__ = [
@@ -95,7 +95,10 @@ def jwt_lifetime(
     issued_at = now.replace(microsecond=0)
     expires = min(issued_at + min(ttl, maximum), key_not_after.replace(microsecond=0))
     if expires <= issued_at:
-        raise InternalError("the JWT signing key has expired")
+        raise AuthorityNotReady(
+            "the JWT-SVID signing key has expired and no successor is active yet",
+            reason="jwt-key-expired",
+        )
     return issued_at, expires
 
 

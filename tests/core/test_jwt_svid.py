@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshca.core.errors import InternalError, InvalidRequest
+from meshca.core.errors import AuthorityNotReady, InternalError, InvalidRequest
 from meshca.core.jwt_svid import (
     DEFAULT_JWT_SVID_TTL,
     MAX_AUDIENCE_BYTES,
@@ -96,7 +96,7 @@ def test_lifetime_above_the_maximum_is_refused() -> None:
     with pytest.raises(InvalidRequest) as caught:
         jwt_lifetime(NOW, HOUR + timedelta(seconds=1), HOUR, NOW + timedelta(days=1))
     assert caught.value.reason == "jwt-ttl-too-long"
-    with pytest.raises(InternalError):
+    with pytest.raises(AuthorityNotReady):
         jwt_lifetime(NOW, None, HOUR, NOW)
 
 

@@ -167,7 +167,8 @@ async def test_spiffe_format_of_ca_bundle(server: RunningServer) -> None:
     assert code == 0
     document = json.loads(out.getvalue())
     assert document["spiffe_refresh_hint"] == 300 and document["spiffe_sequence"] == 1
-    assert [k["use"] for k in document["keys"]] == ["x509-svid"]
+    assert [k["use"] for k in document["keys"]] == ["x509-svid", "jwt-svid"]
+    assert document["keys"][1]["kid"] == server.worker.authorities.jwt_signer().kid
 
 
 def _org_root(n: int, ttl: timedelta = timedelta(days=3650)) -> tuple[x509.Certificate, object]:
