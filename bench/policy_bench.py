@@ -8,7 +8,8 @@ Each run generates the policy set afresh, then measures:
    1,000 requests (allowed and denied, every workload), timing each check; and the same
    requests against a set holding only the destinations' own policies, to show that the
    other workloads' policies cost nothing.
-2. **Through Envoy's ext_authz gRPC API**: ``meshca serve --policy-dir`` (plaintext, two
+2. **Through Envoy's ext_authz gRPC API**: ``meshca serve --policy-dir
+   --policy-insecure-main-port`` (plaintext on the main port, as h2load speaks h2c; two
    workers, every decision recorded), driven by h2load over h2c with a length-prefixed
    ``CheckRequest`` at concurrency 1 and 64. Valid only if the decision log grew by
    exactly the number of requests h2load completed (gRPC errors would arrive as HTTP 200).
@@ -257,6 +258,7 @@ def meshca_server(workdir: Path, policy_dir: Path) -> Iterator[tuple[str, int, _
         "--trust-domain", TRUST_DOMAIN, "--k8s-mode", "jwks", "--k8s-issuer", issuer.issuer,
         "--k8s-jwks-file", str(issuer.jwks_path), "--k8s-audience", "meshca", "--plaintext",
         "--workers", str(WORKERS), "--log-level", "warning", "--policy-dir", str(policy_dir),
+        "--policy-insecure-main-port",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESHCA_")}
     with managed_group(argv, workdir / "meshca.log", env=env, cwd=cwd) as proc:

@@ -17,11 +17,11 @@ import shutil
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from cryptography import x509
@@ -36,6 +36,14 @@ from meshca.adapters.clock import SystemClock
 from meshca.adapters.event_log import OutcomeLog
 from meshca.adapters.grpc.audit_servicer import AuditServicer, public_key_der
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.limits import (
+    DEFAULT_API_CAPS,
+    ApiCaps,
+    CallLimits,
+    record_ca_refusals,
+)
+from meshca.adapters.grpc.linkerd_servicer import SERVICE_NAME as LINKERD_SERVICE_NAME
+from meshca.adapters.grpc.policy_port import build_policy_server
 from meshca.adapters.grpc.server import (
     POLICY_HEALTH,
     POLICY_SERVICE_NAMES,
@@ -72,10 +80,12 @@ from meshca.adapters.metrics import (
 from meshca.adapters.oidc_discovery import oidc_endpoint
 from meshca.adapters.open_files import connection_cap, raise_open_files_limit
 from meshca.adapters.policy_files import DirectoryPolicySource
+from meshca.adapters.shared_rate import SharedRateLimiter, create_rate_table
 from meshca.adapters.shutdown import StopSignals, exit_now, start_watchdog
 from meshca.adapters.storage.audit_log import SqlAuditLog
 from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.decision_log import SqlDecisionLog
+from meshca.adapters.storage.deny_list import SqlDenyList
 from meshca.adapters.storage.engine import make_engine, ping, redacted_url
 from meshca.adapters.storage.group_commit import BatchCommitter
 from meshca.adapters.storage.host_writer import HostRecordWriter, RecordWriterClient
@@ -95,21 +105,27 @@ from meshca.core.csr import CsrRequest
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
+from meshca.core.rate_limit import RateLimiter
 from meshca.core.readiness import Readiness
 from meshca.core.shutdown import DrainBudget, Shutdown
 from meshca.core.spiffe import TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
+from meshca.service.access import CallerGuard, PolicyAccess
 from meshca.service.attestation_cache import CachingAttestor
 from meshca.service.audit import AuditAccess, AuditService, LogMaintenance
 from meshca.service.authority import AuthorityService
 from meshca.service.authz import AuthorizationService, PolicyStatus
 from meshca.service.bundle import TrustBundleService
-from meshca.service.ca import CertificateService, serial_hex
+from meshca.service.ca import CertificateService, LinkerdDoor, serial_hex
+from meshca.service.deny_list import DenyListFollower
 from meshca.service.jwt_svid import JwtSvidService
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
-__all__ = ["prepare", "run_worker", "serve"]
+if TYPE_CHECKING:
+    from meshca.adapters.agent.runtime import AgentConfig, RunningAgent
+
+__all__ = ["prepare", "run_worker", "serve", "start_agent"]
 
 log = logging.getLogger("meshca")
 
@@ -121,6 +137,34 @@ AUTHORITY_HEALTH = "meshca.authority"
 READINESS_INTERVAL = 5.0
 #: The SPIFFE ID meshca presents to its clients.
 SERVER_WORKLOAD = ("meshca", "meshca")
+
+
+async def start_agent(config: AgentConfig) -> RunningAgent:
+    """``meshca agent``: the CA server client, the token file, a fresh key per renewal and
+    the system clock under the agent's loops; the socket server is ``serve_agent``'s.
+
+    Raises ``SocketPathError`` (socket path taken) or ``OSError`` (unreadable CA file).
+    """
+    from meshca.adapters.agent.runtime import serve_agent, upstream_channel
+    from meshca.adapters.agent.upstream import GrpcUpstream, TokenFile, new_key_and_csr
+    from meshca.service.agent import AgentRunner, AgentState
+
+    channel = upstream_channel(config)
+    state = AgentState()
+    runner = AgentRunner(
+        state,
+        GrpcUpstream(channel),
+        read_token=TokenFile(config.token_file),
+        key_and_csr=new_key_and_csr,
+        clock=SystemClock(),
+        draw=random.random,
+        policy=config.policy,
+    )
+    try:
+        return await serve_agent(config, state, runner, channel)
+    except BaseException:
+        await channel.close()
+        raise
 
 
 def configure_logging(settings: Settings) -> None:
@@ -314,6 +358,7 @@ def build_audit(
 def prepare(settings: Settings) -> None:
     """Everything that must happen once, before any worker starts: schema, CA journal."""
     settings.check_attestation()
+    settings.check_policy_exposure()
     TrustDomain.parse(settings.trust_domain)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     # CA keys and the issuance record live here: only meshca's user may look inside.
@@ -330,9 +375,31 @@ def prepare(settings: Settings) -> None:
 
 def build_attestor(
     settings: Settings, clock: Clock, metrics: MeshcaMetrics | None = None
+) -> tuple[Attestor, Attestor | None]:
+    """The attestor for the k8s audiences, and one for Linkerd's (with --linkerd-certify).
+
+    Both share one verifier (JWKS keys, or the API server client and review threads);
+    each has its own cache, as a token good for one door is not good for the other.
+    """
+    inner = _cluster_attestor(settings, clock)
+    linkerd = None
+    if settings.linkerd_certify:
+        linkerd = _cached(inner.with_audiences(settings.linkerd_audience), settings, clock, metrics)
+    return _cached(inner, settings, clock, metrics), linkerd
+
+
+def _cached(
+    inner: Attestor, settings: Settings, clock: Clock, metrics: MeshcaMetrics | None
 ) -> Attestor:
+    if metrics is not None:
+        # Timed inside the cache: what is measured is the cluster's answer.
+        inner = TimedAttestor(inner, metrics.attestation_seconds.labels(settings.k8s_mode).observe)
+    return CachingAttestor(inner, clock, max_ttl=settings.token_cache_ttl)
+
+
+def _cluster_attestor(settings: Settings, clock: Clock) -> JwksAttestor | TokenReviewAttestor:
     audiences = list(settings.k8s_audience)
-    inner: Attestor
+    inner: JwksAttestor | TokenReviewAttestor
     match settings.k8s_mode:
         case "jwks":
             assert settings.k8s_issuer is not None
@@ -367,10 +434,7 @@ def build_attestor(
             )
         case other:
             raise ConfigError(f"unknown k8s-mode {other!r}")
-    if metrics is not None:
-        # Timed inside the cache: what is measured is the cluster's answer.
-        inner = TimedAttestor(inner, metrics.attestation_seconds.labels(settings.k8s_mode).observe)
-    return CachingAttestor(inner, clock, max_ttl=settings.token_cache_ttl)
+    return inner
 
 
 @dataclass
@@ -401,6 +465,8 @@ class Worker:
     metrics_server: MetricsServer | None = None
     health: grpc_health.aio.HealthServicer | None = None
     gate: CallGate = field(default_factory=CallGate)
+    policy_server: grpc.aio.Server | None = None
+    policy_port: int | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Drain within ``grace`` seconds: health first, then calls, then the rest.
@@ -427,6 +493,8 @@ class Worker:
                 budget.calls,
             )
         await self.server.stop(0)
+        if self.policy_server is not None:
+            await self.policy_server.stop(0)
         loop = asyncio.get_running_loop()
         cleanup_until = loop.time() + budget.cleanup
         self.stopping.set()
@@ -459,6 +527,8 @@ class Worker:
     async def cut_short(self) -> None:
         """Abort the calls still in flight now (a repeated stop signal)."""
         await self.server.stop(None)
+        if self.policy_server is not None:
+            await self.policy_server.stop(None)
 
 
 class ServingCertificate:
@@ -621,13 +691,47 @@ async def build_authz(
     return authz, decisions
 
 
+def policy_access(settings: Settings) -> PolicyAccess:
+    """Who may call ext_authz (on the policy port) and PolicyService, from ``settings``."""
+    token = None
+    if settings.policy_token_file is not None:
+        try:
+            token = settings.policy_token_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"cannot read policy-token-file {settings.policy_token_file}: {error.strerror}"
+            ) from None
+        if not token:
+            raise ConfigError(f"policy-token-file {settings.policy_token_file} is empty")
+    return PolicyAccess(
+        callers=settings.policy_callers(), admins=frozenset(settings.policy_admin), token=token
+    )
+
+
+def issuance_limiter(
+    settings: Settings, rate_table: Path | None = None
+) -> RateLimiter | SharedRateLimiter | None:
+    """``--issuance-rate``: counted in ``rate_table`` with the host's other workers (a
+    worker of ``serve``), else in this process (see docs/operations.md)."""
+    rate = settings.issuance_rate_limit()
+    if rate is None:
+        return None
+    return RateLimiter(rate) if rate_table is None else SharedRateLimiter(rate_table, rate)
+
+
 async def start_worker(
-    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+    settings: Settings,
+    listen: str | None = None,
+    record_writer: socket.socket | None = None,
+    api_caps: ApiCaps = DEFAULT_API_CAPS,
+    rate_table: Path | None = None,
 ) -> Worker:
     """Build every part from ``settings`` and start serving; returns once listening.
 
     With ``record_writer`` (a worker of ``serve``), issuance records go to the host's
-    writer over that socket; without, this process writes them itself.
+    writer over that socket; without, this process writes them itself. ``api_caps``
+    are the per-API caps (``limits.ApiCaps``: fixed figures; tests tighten them).
+    ``rate_table``: the host's shared ``--issuance-rate`` table (``serve`` makes it).
     """
     clock = SystemClock()
     trust_domain = TrustDomain.parse(settings.trust_domain)
@@ -653,10 +757,12 @@ async def start_worker(
 
     view = authorities.view
     bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence, view.jwt_keys)
+    deny_list = DenyListFollower(SqlDenyList(engine))
+    await asyncio.to_thread(deny_list.refresh)
     observers: list[OutcomeObserver] = [OutcomeLog()]
     if metrics is not None:
         observers.append(metrics.observe_outcome)
-    attestor = build_attestor(settings, clock, metrics)
+    attestor, linkerd_attestor = build_attestor(settings, clock, metrics)
     ca = CertificateService(
         trust_domain=trust_domain,
         attestor=attestor,
@@ -672,6 +778,11 @@ async def start_worker(
         # in microseconds, and a worker process owns its core anyway.
         offload=offload if settings.vault_transit else None,
         on_outcome=each(observers),
+        linkerd=None
+        if linkerd_attestor is None
+        else LinkerdDoor(linkerd_attestor, settings.linkerd_identity_domain),
+        rate_limiter=issuance_limiter(settings, rate_table),
+        deny_list=deny_list.current,
     )
     jwt = JwtSvidService(
         trust_domain=trust_domain,
@@ -699,19 +810,30 @@ async def start_worker(
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
     leader = leader_lock(settings, engine)
-    gate = CallGate()
+    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca)))
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
+    access = None if authz is None else policy_access(settings)
+    main_guard = None
+    if access is not None and settings.policy_insecure_main_port:
+        # The main port asks for no client certificate: ext_authz there is open (the
+        # flag says so); PolicyService still needs an admin's SVID (audit port) or token.
+        main_guard = CallerGuard(
+            replace(access, callers=None), audit_log=audit, clock=clock, on_outcome=each(observers)
+        )
     server, port, health = build_server(
         ca=ca,
         bundle=bundle,
         listen=listen or settings.listen,
         tls=tls,
         tls_updates=None if serving is None else serving.take_update,
-        authz=authz,
+        authz=authz if main_guard is not None else None,
         record_counters=record_counters,
         audit=audit_servicer,
         gate=gate,
         limits=limits,
+        policy_guard=main_guard,
+        reflection_on=not settings.no_reflection,
+        linkerd=settings.linkerd_certify,
         jwt=jwt,
     )
     audit_port = None
@@ -723,13 +845,37 @@ async def start_worker(
             lambda: serving.tls or tls,
             lambda: bundle.current().roots_pems,
         )
+    policy_server, policy_port = None, None
+    if (
+        authz is not None
+        and access is not None
+        and settings.policy_listen
+        and serving is not None
+        and tls is not None
+    ):
+        policy_server, policy_port = build_policy_server(
+            authz=authz,
+            guard=CallerGuard(access, audit_log=audit, clock=clock, on_outcome=each(observers)),
+            listen=settings.policy_listen,
+            # Read at each handshake: the certificate as renewed, the roots as rotated.
+            tls=lambda: serving.tls or tls,
+            client_roots=lambda: bundle.current().roots_pems,
+            health_servicer=health,
+            record_counters=record_counters,
+            gate=gate,
+            limits=limits,
+            reflection_on=not settings.no_reflection,
+        )
     await server.start()
+    if policy_server is not None:
+        await policy_server.start()
     if authz is not None:
         for name in POLICY_SERVICE_NAMES:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         policy_health.health = health
         await policy_health(authz.status())
-    for name in ("", *SERVICE_NAMES, AUTHORITY_HEALTH):
+    linkerd_names = (LINKERD_SERVICE_NAME,) if settings.linkerd_certify else ()
+    for name in ("", *SERVICE_NAMES, *linkerd_names, AUTHORITY_HEALTH):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health.set(READY_HEALTH, health_pb2.HealthCheckResponse.NOT_SERVING)
     readiness = ReadinessChecker(
@@ -799,6 +945,9 @@ async def start_worker(
     tasks: list[asyncio.Task[None]] = [asyncio.create_task(rotator.run(stopping))]
     tasks.append(asyncio.create_task(maintenance.run(stopping)))
     tasks.append(asyncio.create_task(readiness.run(stopping)))
+    tasks.append(
+        asyncio.create_task(deny_list.run(stopping, settings.journal_poll.total_seconds()))
+    )
     if authz is not None:
         interval = settings.policy_poll_interval.total_seconds()
         tasks.append(asyncio.create_task(authz.run(stopping, interval)))
@@ -831,6 +980,8 @@ async def start_worker(
         metrics_server=metrics_server,
         health=health,
         gate=gate,
+        policy_server=policy_server,
+        policy_port=policy_port,
     )
 
 
@@ -848,7 +999,10 @@ def read_database_state(engine: Engine) -> DatabaseState:
 
 
 async def run_worker(
-    settings: Settings, listen: str | None = None, record_writer: socket.socket | None = None
+    settings: Settings,
+    listen: str | None = None,
+    record_writer: socket.socket | None = None,
+    rate_table: Path | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, or until the record writer (``serve``'s supervisor)
     is gone, then drain within ``--shutdown-grace``.
@@ -856,10 +1010,24 @@ async def run_worker(
     A worker of ``serve`` ignores repeated signals: its supervisor forwards each stop
     and bounds the drain, killing a worker still alive at the grace's end.
     """
-    worker = await start_worker(settings, listen, record_writer)
+    worker = await start_worker(settings, listen, record_writer, rate_table=rate_table)
     host = (listen or settings.listen).rpartition(":")[0]
     mode = "plaintext" if settings.plaintext else "TLS"
     log.info("serving on %s:%d (%s)", host, worker.port, mode)
+    if worker.policy_port is not None:
+        policy_host = (settings.policy_listen or "").rpartition(":")[0]
+        log.info("ext_authz and the policy API on %s:%d (mTLS)", policy_host, worker.policy_port)
+    if worker.authz is not None and not (settings.policy_admin or settings.policy_token_file):
+        log.warning(
+            "the policy API refuses every caller: give --policy-admin or --policy-token-file"
+        )
+    if worker.authz is not None and settings.policy_insecure_main_port:
+        log.warning(
+            "ext_authz is served on the main port %s:%d to anyone who can reach it "
+            "(--policy-insecure-main-port); use --policy-listen to require client SVIDs",
+            host,
+            worker.port,
+        )
     if settings.health_listen is not None:
         health_host = settings.health_listen.rpartition(":")[0]
         log.info("health on %s:%d (plaintext, health only)", health_host, worker.health_port)
@@ -914,11 +1082,13 @@ async def serve_until_stopped(
     log.info("drained in %.2fs", asyncio.get_running_loop().time() - started)
 
 
-def _worker_main(settings: Settings, listen: str, record_writer: socket.socket) -> None:
+def _worker_main(
+    settings: Settings, rate_table: Path | None, listen: str, record_writer: socket.socket
+) -> None:
     configure_logging(settings)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_worker(settings, listen, record_writer))
+            asyncio.run(run_worker(settings, listen, record_writer, rate_table))
     except Exception:
         # Logged, not left to multiprocessing: its traceback would bypass --log-format.
         log.exception("worker failed")
@@ -945,10 +1115,16 @@ def serve(settings: Settings) -> int:
     with contextlib.ExitStack() as cleanup:
         if settings.metrics_listen is not None:
             cleanup.enter_context(_served_metrics(settings))
+        rate_table = None
+        rate = settings.issuance_rate_limit()
+        if rate is not None:
+            # One count per host: every worker admits under the same table.
+            rate_table = create_rate_table(settings.data_dir, rate)
+            cleanup.callback(rate_table.unlink, missing_ok=True)
         pool = WorkerPool(
             settings.workers,
             settings.listen,
-            target=functools.partial(_worker_main, settings),
+            target=functools.partial(_worker_main, settings, rate_table),
             writer=functools.partial(_host_writer, settings),
             grace=settings.shutdown_grace.total_seconds(),
         )

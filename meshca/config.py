@@ -19,11 +19,14 @@ from typing import Any
 import yaml
 
 from meshca.adapters.k8s.token_review import in_cluster_defaults
+from meshca.core.callers import SpiffePatterns
 from meshca.core.errors import InvalidSpiffeId
+from meshca.core.linkerd import check_linkerd_domain
+from meshca.core.rate_limit import IssuanceRate
 from meshca.core.rotation import RotationPolicy
 from meshca.core.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["ConfigError", "Settings", "load_settings", "parse_duration"]
+__all__ = ["ConfigError", "Settings", "load_settings", "parse_duration", "parse_issuance_rate"]
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,38 @@ def parse_duration(text: str | int | float) -> timedelta:
     if seconds <= 0:
         raise ConfigError(f"{text!r}: a duration must be positive")
     return timedelta(seconds=seconds)
+
+
+#: Bounds of ``--issuance-rate``: beyond them a value is a typo, not a policy.
+MAX_RATE_COUNT = 100_000
+MIN_RATE_PERIOD = timedelta(seconds=1)
+MAX_RATE_PERIOD = timedelta(days=1)
+
+
+def parse_issuance_rate(text: str) -> IssuanceRate:
+    """``"30/1m"`` -> 30 per minute; the period is a duration (``"30/m"`` means ``30/1m``).
+
+    The count is 1..100,000 and the period 1s..1d; anything else is a ConfigError.
+    """
+    example = "(examples: 30/1m, 100/1h)"
+    count_text, slash, period_text = str(text).strip().partition("/")
+    count_text, period_text = count_text.strip(), period_text.strip().lower()
+    if not slash or not count_text.isascii() or not count_text.isdigit():
+        raise ConfigError(f"{text!r} is not COUNT/PERIOD {example}")
+    count = int(count_text)
+    if not 1 <= count <= MAX_RATE_COUNT:
+        raise ConfigError(f"{text!r}: the count must be 1 to {MAX_RATE_COUNT:,}")
+    if period_text in ("s", "m", "h", "d"):
+        period_text = "1" + period_text
+    try:
+        period = parse_duration(period_text)
+    except ConfigError:
+        raise ConfigError(f"{text!r}: {period_text!r} is not a period {example}") from None
+    except OverflowError:
+        period = MAX_RATE_PERIOD * 2
+    if not MIN_RATE_PERIOD <= period <= MAX_RATE_PERIOD:
+        raise ConfigError(f"{text!r}: the period must be 1s to 1d")
+    return IssuanceRate(count, period)
 
 
 @dataclass(frozen=True)
@@ -105,6 +140,12 @@ class Settings:
     policy_default: str = "deny"
     policy_poll_interval: timedelta = timedelta(seconds=5)
     decision_sample_rate: float = 1.0
+    policy_listen: str | None = None
+    policy_insecure_main_port: bool = False
+    policy_caller: tuple[str, ...] = ()
+    policy_admin: tuple[str, ...] = ()
+    policy_token_file: Path | None = None
+    no_reflection: bool = False
     auditor: tuple[str, ...] = ()
     audit_token_file: Path | None = None
     audit_listen: str | None = None
@@ -115,6 +156,14 @@ class Settings:
     metrics_listen: str | None = None
     shutdown_grace: timedelta = timedelta(seconds=10)
     connection_idle_timeout: timedelta = timedelta(minutes=5)
+    # Linkerd's identity API: opt-in, as it lets every pod holding a Linkerd-audience
+    # token (every meshed pod, where Linkerd runs) get a certificate from meshca.
+    linkerd_certify: bool = False
+    linkerd_audience: tuple[str, ...] = ("identity.l5d.io",)
+    # Linkerd's <linkerd-ns>.<identityTrustDomain>: namespace "linkerd" and trust domain
+    # "cluster.local" by default upstream.
+    linkerd_identity_domain: str = "linkerd.cluster.local"
+    issuance_rate: str | None = None
     max_jwt_svid_ttl: timedelta = timedelta(hours=1)
     jwt_issuer: str | None = None
     oidc_discovery: str | None = None
@@ -151,6 +200,7 @@ class Settings:
                 SpiffeId.parse(auditor)
             except InvalidSpiffeId as exc:
                 raise ConfigError(f"auditor: {exc}") from None
+        self._check_policy_access()
         if self.audit_listen is not None and ":" not in self.audit_listen:
             raise ConfigError("audit-listen must be HOST:PORT")
         if self.health_listen is not None and ":" not in self.health_listen:
@@ -161,6 +211,8 @@ class Settings:
             raise ConfigError("shutdown-grace must be a positive duration")
         if self.audit_listen and self.plaintext:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
+        self._check_linkerd()
+        self.issuance_rate_limit()
         self._check_jwt()
 
     def _check_jwt(self) -> None:
@@ -175,6 +227,73 @@ class Settings:
                 raise ConfigError(
                     "oidc-discovery needs --jwt-issuer: the public URL verifiers reach it at"
                 )
+
+    def _check_linkerd(self) -> None:
+        try:
+            check_linkerd_domain(self.linkerd_identity_domain)
+        except ValueError as exc:
+            raise ConfigError(f"linkerd-identity-domain: {exc}") from None
+        if not self.linkerd_audience:
+            raise ConfigError("at least one linkerd-audience is required")
+        shared = sorted(set(self.linkerd_audience) & set(self.k8s_audience))
+        if shared and self.linkerd_certify:
+            # Each door takes the tokens minted for it; one audience on both would let a
+            # token for either be used at the other.
+            raise ConfigError(
+                f"linkerd-audience and k8s-audience must differ; both have {', '.join(shared)}"
+            )
+
+    def _check_policy_access(self) -> None:
+        if self.policy_listen is not None and ":" not in self.policy_listen:
+            raise ConfigError("policy-listen must be HOST:PORT")
+        if self.policy_listen and self.plaintext:
+            raise ConfigError("policy-listen is mTLS: it cannot be used with --plaintext")
+        if self.policy_listen and self.policy_insecure_main_port:
+            raise ConfigError(
+                "give --policy-listen or --policy-insecure-main-port, not both: with "
+                "--policy-listen the policy services are served only there"
+            )
+        if self.policy_listen and self.policy_dir is None:
+            raise ConfigError("policy-listen serves the policies of --policy-dir: give it too")
+        try:
+            self.policy_callers()
+        except InvalidSpiffeId as exc:
+            raise ConfigError(f"policy-caller: {exc}") from None
+        for admin in self.policy_admin:
+            try:
+                SpiffeId.parse(admin)
+            except InvalidSpiffeId as exc:
+                raise ConfigError(f"policy-admin: {exc}") from None
+
+    def policy_callers(self) -> SpiffePatterns:
+        """Who may call ext_authz on the policy port: ``--policy-caller``, or by default
+        any SVID of our trust domain."""
+        written = self.policy_caller or (f"spiffe://{TrustDomain.parse(self.trust_domain).name}/*",)
+        return SpiffePatterns.parse(written)
+
+    def check_policy_exposure(self) -> None:
+        """Raise ConfigError when ``--policy-dir`` would open the policy set on the main port.
+
+        The main port takes proxies without client certificates, so ext_authz there
+        answers anyone who can reach it; that takes ``--policy-insecure-main-port``.
+        """
+        if self.policy_dir is None or self.policy_listen or self.policy_insecure_main_port:
+            return
+        raise ConfigError(
+            "--policy-dir needs --policy-listen HOST:PORT: Envoy's ext_authz and the policy "
+            "API are served there, to callers with a client SVID (mTLS). To serve them on "
+            "the main port instead, where anyone who can reach it may ask ext_authz, give "
+            "--policy-insecure-main-port"
+        )
+
+    def issuance_rate_limit(self) -> IssuanceRate | None:
+        """``--issuance-rate`` parsed; None when it is off (the default)."""
+        if self.issuance_rate is None or self.issuance_rate.strip().lower() in ("", "off"):
+            return None
+        try:
+            return parse_issuance_rate(self.issuance_rate)
+        except ConfigError as exc:
+            raise ConfigError(f"issuance-rate: {exc}") from None
 
     def rotation_policy(self) -> RotationPolicy:
         """The CA lifetimes as core values; unset delays take their documented defaults."""

@@ -76,3 +76,45 @@ class MemoryAuditLog:
             and (serial is None or r.serial == serial)
         ]
         return found[:limit]
+
+
+@dataclass
+class FakeUpstream:
+    """``meshca.core.agent.Upstream``: signs for ``valid_token`` with ``lifetime`` from the
+    clock; ``down`` makes every call fail as an unreachable server would."""
+
+    clock: FakeClock
+    valid_token: str = "token"
+    lifetime: timedelta = timedelta(seconds=60)
+    roots: tuple[bytes, ...] = (b"root-1",)
+    down: bool = False
+    signed: int = 0
+    bundles: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+
+    async def sign(self, token: str, csr_der: bytes, key_der: bytes) -> tuple[object, ...]:
+        from meshca.core.agent import AgentSvid
+
+        await asyncio.sleep(0)
+        if self.down:
+            raise BackendUnavailable("connection refused")
+        if token != self.valid_token:
+            raise AuthenticationFailed("token is not valid", reason="token-invalid")
+        self.signed += 1
+        now = self.clock.now()
+        svid = AgentSvid(
+            "spiffe://td/ns/a/sa/b",
+            (b"leaf-%d" % self.signed,),
+            key_der,
+            now,
+            now + self.lifetime,
+            str(self.signed),
+        )
+        return svid, self.roots
+
+    async def watch_bundle(self):  # type: ignore[no-untyped-def]
+        """Yields what is put in ``bundles``; an exception put there is raised."""
+        while True:
+            item = await self.bundles.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item

@@ -143,6 +143,68 @@ def test_shutdown_grace() -> None:
         Settings(shutdown_grace=timedelta(0))
 
 
+def test_linkerd_settings_from_flag_env_or_file(tmp_path: Path) -> None:
+    defaults = Settings()
+    assert defaults.linkerd_certify is False  # opt-in
+    assert defaults.linkerd_audience == ("identity.l5d.io",)
+    assert defaults.linkerd_identity_domain == "linkerd.cluster.local"
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--linkerd-certify",
+            "--linkerd-audience",
+            "identity.l5d.io",
+            "--linkerd-audience",
+            "l5d-2",
+            "--linkerd-identity-domain",
+            "linkerd.prod.example.com",
+        ]
+    )
+    settings = settings_from(args)
+    assert settings.linkerd_certify is True
+    assert settings.linkerd_audience == ("identity.l5d.io", "l5d-2")
+    assert settings.linkerd_identity_domain == "linkerd.prod.example.com"
+    env = {"MESHCA_LINKERD_CERTIFY": "true", "MESHCA_LINKERD_IDENTITY_DOMAIN": "l5d.cluster.local"}
+    from_env = load_settings({}, environ=env)
+    assert (from_env.linkerd_certify, from_env.linkerd_identity_domain) == (
+        True,
+        "l5d.cluster.local",
+    )
+    config = tmp_path / "meshca.yaml"
+    config.write_text("linkerd-certify: true\nlinkerd-audience: [a, b]\n")
+    assert load_settings({"config": str(config)}, environ={}).linkerd_audience == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        pytest.param(
+            {"linkerd_identity_domain": "Linkerd.Cluster.Local"},
+            "linkerd-identity-domain",
+            id="fail/uppercase-domain",
+        ),
+        pytest.param(
+            {"linkerd_identity_domain": "linkerd.cluster.local."},
+            "linkerd-identity-domain",
+            id="fail/trailing-dot",
+        ),
+        pytest.param(
+            {"linkerd_certify": "true", "linkerd_audience": "meshca"},
+            "linkerd-audience and k8s-audience must differ; both have meshca",
+            id="fail/shared-audience",
+        ),
+    ],
+)
+def test_bad_linkerd_settings(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(values, environ={})
+
+
+def test_a_shared_audience_is_fine_while_linkerd_is_off() -> None:
+    settings = load_settings({"k8s_audience": "identity.l5d.io"}, environ={})
+    assert settings.k8s_audience == settings.linkerd_audience
+
+
 def test_jwt_svid_settings_from_flag_env_or_file(tmp_path: Path) -> None:
     defaults = Settings()
     assert defaults.max_jwt_svid_ttl == timedelta(hours=1)

@@ -198,3 +198,12 @@ def test_diff_with_an_unreadable_log(
         str(tmp_path / "missing.json"),
     )
     assert code == 2 and "cannot read decisions" in err
+
+
+def test_status_says_which_credential_file_it_cannot_read(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-token"
+    code, _, err = run(capsys, "policy", "status", "--token-file", str(missing))
+    assert code == 2
+    assert f"cannot read {missing}" in err and "Traceback" not in err

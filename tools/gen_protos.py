@@ -45,7 +45,9 @@ def generate(out_dir: Path) -> None:
         out_dir.mkdir(parents=True)
         (out_dir / "__init__.py").write_text(HEADER)
         top_packages = sorted({p.split("/")[0] for p in protos})
-        pattern = re.compile(rf"^(from|import) ({'|'.join(top_packages)})(\.| )", re.M)
+        # Only dotted names are ours: a top package may share its name with a standard
+        # module (proto/io/linkerd/... and the stdlib ``io``), which is imported bare.
+        pattern = re.compile(rf"^(from|import) ({'|'.join(top_packages)})(\.)", re.M)
         for src in sorted(raw.rglob("*.py*")):
             rel = src.relative_to(raw)
             dest = out_dir / rel

@@ -6,7 +6,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from meshca.cli import audit_cmd, ca_cmd, db_cmd, dev_cmd, policy_cmd, serve_cmd
+from meshca.cli import (
+    agent_cmd,
+    audit_cmd,
+    ca_cmd,
+    db_cmd,
+    dev_cmd,
+    policy_cmd,
+    revoke_cmd,
+    serve_cmd,
+)
 from meshca.config import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -30,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cmd.register(commands)
+    agent_cmd.register(commands)
     dev_cmd.register(commands)
     ca_cmd.register(commands)
     audit_cmd.register(commands)
     policy_cmd.register(commands)
     db_cmd.register(commands)
+    revoke_cmd.register(commands)
     return parser
 
 

@@ -60,6 +60,14 @@ def _iso(value: object) -> object:
     return value
 
 
+def _table_cell(record: AuditRecord, column: str) -> str:
+    # A deny-list change says what it was in its detail ("deny-list entry 3: ...").
+    if column == "reason" and record.outcome in (Outcome.REVOKED, Outcome.LIFTED):
+        detail = record.detail
+        return detail if len(detail) <= 120 else detail[:117] + "..."
+    return _cell(getattr(record, column))
+
+
 def format_records(records: list[AuditRecord], fmt: str) -> str:
     """Render records as ``json`` (one object per record, full detail) or a ``table``."""
     if fmt == "json":
@@ -70,7 +78,7 @@ def format_records(records: list[AuditRecord], fmt: str) -> str:
             ],
             indent=2,
         )
-    rows = [TABLE_COLUMNS] + [tuple(_cell(getattr(r, c)) for c in TABLE_COLUMNS) for r in records]
+    rows = [TABLE_COLUMNS] + [tuple(_table_cell(r, c) for c in TABLE_COLUMNS) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -382,7 +390,7 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fingerprint", help="certificate SHA-256 fingerprint (hex)")
     parser.add_argument("--since", metavar="RFC3339", help="at or after this time")
     parser.add_argument("--until", metavar="RFC3339", help="before this time")
-    parser.add_argument("--outcome", choices=("issued", "refused"))
+    parser.add_argument("--outcome", choices=tuple(o.value for o in Outcome))
     parser.add_argument("--api", help="the API used (e.g. istio.v1.auth.CreateCertificate)")
 
 

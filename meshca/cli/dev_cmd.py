@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ __all__ = ["register"]
 DEV_DATA_DIR = "meshca-dev"
 DEV_LISTEN = "127.0.0.1:15012"
 DEV_AUDIENCE = "meshca"
+DEV_TOKEN_FILE = Path("policy-token")
 
 
 def _issuer(data_dir: Path) -> DevTokenIssuer:
@@ -53,7 +55,24 @@ def dev_settings(args: argparse.Namespace) -> Settings:
         k8s_audience=(DEV_AUDIENCE,),
         workers=1,
     )
-    return settings_from(args, base=base)
+    settings = settings_from(args, base=base)
+    if settings.policy_dir is not None and settings.policy_listen is None:
+        # A dev server listens on loopback for one person trying meshca out: ext_authz on
+        # the port they already use, as before (the log warns); the policy API still
+        # takes a token, which dev serve makes (see ``ensure_policy_token``).
+        settings = replace(
+            settings,
+            policy_insecure_main_port=True,
+            policy_token_file=settings.policy_token_file or settings.data_dir / DEV_TOKEN_FILE,
+        )
+    return settings
+
+
+def ensure_policy_token(settings: Settings) -> None:
+    """Write a random policy token to the dev data directory, once."""
+    path = settings.data_dir / DEV_TOKEN_FILE
+    if settings.policy_token_file == path and not path.exists():
+        write_private(path, secrets.token_urlsafe(32).encode() + b"\n")
 
 
 def _make_key_and_csr() -> tuple[bytes, str]:
@@ -127,6 +146,19 @@ async def _serve_with_demo(settings: Settings, demo: bool) -> None:
         f"({'plaintext' if settings.plaintext else 'TLS'}), data in {settings.data_dir}/",
         flush=True,
     )
+    if worker.policy_port is not None:
+        print(
+            f"ext_authz and the policy API on {host}:{worker.policy_port} (mTLS: present an "
+            "SVID, e.g. from 'meshca dev request --out-dir')",
+            flush=True,
+        )
+    elif worker.authz is not None:
+        print(
+            f"ext_authz on {target} too, open to anyone who can reach it (dev keeps it on "
+            "its own port; --policy-listen HOST:PORT requires client SVIDs); the policy API "
+            f"takes the token in {settings.policy_token_file}",
+            flush=True,
+        )
     if demo:
         await asyncio.to_thread(
             request_certificate,
@@ -143,7 +175,17 @@ async def _serve_with_demo(settings: Settings, demo: bool) -> None:
         "--service-account cart\n"
         f"  meshca audit list --data-dir {settings.data_dir}\n"
         f"  meshca ca bundle --data-dir {settings.data_dir}\n"
-        "Stop with Ctrl-C.",
+        + (
+            f"  meshca ca bundle --data-dir {settings.data_dir} > roots.pem && "
+            f"meshca policy status --server {target} "
+            f"{'--plaintext' if settings.plaintext else '--ca-file roots.pem'} "
+            f"--token-file {settings.policy_token_file}\n"
+            if worker.authz is not None
+            and settings.policy_insecure_main_port
+            and settings.policy_token_file is not None
+            else ""
+        )
+        + "Stop with Ctrl-C.",
         flush=True,
     )
     await app.serve_until_stopped(worker, settings.shutdown_grace, supervised=False)
@@ -158,6 +200,7 @@ def _serve(args: argparse.Namespace) -> int:
     app.configure_logging(replace(settings, log_level="warning"))
     logging.getLogger("meshca").setLevel(settings.log_level.upper())
     app.prepare(settings)
+    ensure_policy_token(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve_with_demo(settings, args.demo))
     exit_now(0)
@@ -192,6 +235,53 @@ def _request(args: argparse.Namespace) -> int:
         out_dir=Path(args.out_dir) if args.out_dir else None,
         ttl_seconds=args.ttl,
     )
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from meshca.adapters.agent.runtime import AgentConfig
+    from meshca.cli.agent_cmd import run_agent
+
+    data_dir = Path(args.data_dir).absolute()
+    roots = load_bundle(data_dir)
+    if not roots:
+        print(f"meshca: no dev CA in {data_dir}: run 'meshca dev serve' first", file=sys.stderr)
+        return 1
+    agent_dir = data_dir / "agent"
+    agent_dir.mkdir(parents=True, exist_ok=True)
+    ca_file = agent_dir / "ca.pem"
+    ca_file.write_bytes(b"".join(r.public_bytes(serialization.Encoding.PEM) for r in roots))
+    token_file = agent_dir / "token"
+    issuer = _issuer(data_dir)
+    token = issuer.mint(
+        args.namespace,
+        args.service_account,
+        DEV_AUDIENCE,
+        ttl=timedelta(hours=24),
+        now=datetime.now(UTC),
+    )
+    write_private(token_file, token.encode())
+    socket = Path(args.socket).absolute() if args.socket else agent_dir / "socket"
+    print(
+        f"meshca dev agent for spiffe://.../ns/{args.namespace}/sa/{args.service_account} "
+        f"against {args.server}\n"
+        f"  socket  unix://{socket}\n"
+        f"  token   {token_file} (a dev token valid for 24h)\n"
+        "In another terminal:\n"
+        f"  export SPIFFE_ENDPOINT_SOCKET=unix://{socket}\n"
+        "Stop with Ctrl-C.",
+        flush=True,
+    )
+    config = AgentConfig(
+        server=args.server,
+        token_file=token_file,
+        socket=socket,
+        ca_file=None if args.plaintext else ca_file,
+        plaintext=args.plaintext,
+        server_name=None if args.plaintext else "localhost",
+        out_dir=Path(args.out_dir) if args.out_dir else None,
+        socket_mode=args.socket_mode,
+    )
+    return run_agent(config, args.log_level)
 
 
 def _identity_flags(parser: argparse.ArgumentParser) -> None:
@@ -236,3 +326,20 @@ def register(commands: Any) -> None:
     request.add_argument("--out-dir", help="write key.pem and chain.pem here")
     request.add_argument("--ttl", type=int, default=0, help="requested lifetime in seconds")
     request.set_defaults(run=_request)
+
+    from meshca.cli.agent_cmd import add_agent_flags
+
+    agent = sub.add_parser(
+        "agent",
+        help="run `meshca agent` against the dev server with a dev token",
+        description=(
+            "Start `meshca agent` against a running `meshca dev serve`: a dev token from "
+            "its issuer, its roots as the CA file, the socket at <data-dir>/agent/socket."
+        ),
+    )
+    _identity_flags(agent)
+    agent.add_argument("--server", default=DEV_LISTEN, help=f"HOST:PORT (default {DEV_LISTEN})")
+    agent.add_argument("--plaintext", action="store_true", help="the server runs --plaintext")
+    agent.add_argument("--socket", help="default <data-dir>/agent/socket")
+    add_agent_flags(agent, connection=False)
+    agent.set_defaults(run=_agent)

@@ -304,19 +304,32 @@ def _status(args: argparse.Namespace) -> int:
 
     from meshca.adapters.grpc._gen.meshca.v1 import policy_pb2, policy_pb2_grpc
 
+    metadata = []
+    try:
+        if args.token_file:
+            token = Path(args.token_file).read_text().strip()
+            metadata.append(("authorization", f"Bearer {token}"))
+        roots = Path(args.ca_file).read_bytes() if args.ca_file else None
+        client = (
+            (Path(args.key).read_bytes(), Path(args.cert).read_bytes())
+            if args.cert and args.key
+            else (None, None)
+        )
+    except OSError as error:
+        print(f"meshca: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     if args.plaintext:
         channel = grpc.insecure_channel(args.server)
     else:
-        roots = Path(args.ca_file).read_bytes() if args.ca_file else None
         channel = grpc.secure_channel(
             args.server,
-            grpc.ssl_channel_credentials(roots),
+            grpc.ssl_channel_credentials(roots, *client),
             options=[("grpc.ssl_target_name_override", args.server_name)],
         )
     with channel:
         try:
             status = policy_pb2_grpc.PolicyServiceStub(channel).Status(
-                policy_pb2.PolicyStatusRequest(), timeout=10
+                policy_pb2.PolicyStatusRequest(), metadata=metadata, timeout=10
             )
         except grpc.RpcError as exc:
             print(f"meshca: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -418,9 +431,14 @@ def register(commands: Any) -> None:
     status = sub.add_parser(
         "status",
         help="ask a running server which policy set it serves and whether the newest loaded",
+        description="Ask a running server's policy API (a policy admin's client SVID, or "
+        "the --policy-token-file token) which policy set it serves.",
     )
     status.add_argument("--server", default="127.0.0.1:15012", metavar="HOST:PORT")
     status.add_argument("--plaintext", action="store_true", help="the server runs --plaintext")
     status.add_argument("--ca-file", help="PEM roots to verify the server (meshca ca bundle)")
     status.add_argument("--server-name", default="localhost", help="name in its certificate")
+    status.add_argument("--token-file", help="file holding the policy bearer token")
+    status.add_argument("--cert", help="a policy admin's client SVID, PEM (--policy-listen port)")
+    status.add_argument("--key", help="the client SVID's private key, PEM")
     status.set_defaults(run=_status)

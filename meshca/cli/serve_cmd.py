@@ -36,7 +36,8 @@ HELP = {
     "signed under it (default: --max-svid-ttl)",
     "root_rotation": "age at which a self-generated root's successor is prepared "
     "(default: half of --root-ttl)",
-    "journal_poll": "how often each server process re-reads the CA journal (default 2s)",
+    "journal_poll": "how often each server process re-reads the CA journal and the deny-list "
+    "(default 2s)",
     "bundle_endpoint": "serve the SPIFFE trust bundle over HTTPS at HOST:PORT, path / "
     "(plain HTTP with --plaintext)",
     "vault_addr": "Vault (OpenBao) address, e.g. https://vault:8200; Vault is off without it",
@@ -63,6 +64,17 @@ HELP = {
     "(default deny)",
     "policy_poll_interval": "how often the policy directory is checked for changes (default 5s)",
     "decision_sample_rate": "share of allowed decisions recorded, 0..1 (denied: all; default 1)",
+    "policy_listen": "HOST:PORT serving Envoy ext_authz and the policy API to callers with a "
+    "client SVID (mTLS required); with --policy-dir they are served only there",
+    "policy_insecure_main_port": "serve ext_authz and the policy API on the main port instead "
+    "of --policy-listen: anyone who can reach it may ask ext_authz (the policy API still "
+    "needs --policy-admin or --policy-token-file)",
+    "policy_caller": "SPIFFE ID pattern allowed to call ext_authz on --policy-listen "
+    "(exact, prefix*, *suffix or *); repeat (default: spiffe://<trust-domain>/*)",
+    "policy_admin": "SPIFFE ID allowed to use the policy API (Check, Explain, Status) with its "
+    "client SVID; repeat",
+    "policy_token_file": "file holding a bearer token that grants the policy API (for tools)",
+    "no_reflection": "do not serve gRPC server reflection",
     "auditor": "SPIFFE ID allowed to use the audit API over mTLS (--audit-listen); repeat",
     "audit_token_file": "file holding a bearer token that grants the audit API (for tools)",
     "audit_listen": "HOST:PORT where auditors connect with a client SVID (mTLS required)",
@@ -79,6 +91,15 @@ HELP = {
     "before the server exits; a second signal cuts it short (default 10s)",
     "connection_idle_timeout": "close a client connection with no call open for this long "
     "(GOAWAY; gRPC clients reconnect on their next call; default 5m)",
+    "linkerd_certify": "also serve Linkerd's identity API (io.linkerd.proxy.identity.Identity/"
+    "Certify) on the main port, for linkerd2-proxy",
+    "linkerd_audience": "token audience accepted by Linkerd's identity API, and only there; "
+    "repeat for several (default identity.l5d.io)",
+    "linkerd_identity_domain": "suffix of Linkerd names after <sa>.<ns>.serviceaccount.identity.: "
+    "<linkerd-namespace>.<identityTrustDomain> (default linkerd.cluster.local)",
+    "issuance_rate": "most certificates one pod (or one token bound to no pod) gets, as "
+    "COUNT/PERIOD, e.g. 30/1m; counted once for all the workers (default off; see "
+    "docs/operations.md)",
     "max_jwt_svid_ttl": "longest lifetime a JWT-SVID may be asked for (default 1h; a request "
     "for none gets 5m)",
     "jwt_issuer": "the 'iss' claim of every JWT-SVID: the public https:// URL where "

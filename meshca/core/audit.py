@@ -35,6 +35,10 @@ __all__ = [
 class Outcome(enum.StrEnum):
     ISSUED = "issued"
     REFUSED = "refused"
+    #: A deny-list entry was added (``meshca revoke``); not a signing request.
+    REVOKED = "revoked"
+    #: A deny-list entry was lifted (``meshca revoke lift``).
+    LIFTED = "lifted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,8 @@ def leaf_body(
 
     Each field is 0x00 when absent, else 0x01, a 4-byte big-endian length and the UTF-8
     text. Times are RFC 3339 in UTC with exactly six fractional digits and a ``Z``
-    (``encode_time``); ``outcome`` is its value (``issued``/``refused``). Text must
+    (``encode_time``); ``outcome`` is its value (``issued``, ``refused``, or
+    ``revoked``/``lifted`` for deny-list changes). Text must
     already be storable (no NUL, no lone surrogates): records are encoded as they are
     stored. ``times`` are the record's ``record_times`` when the caller has them already.
     """

@@ -34,12 +34,16 @@ class CsrRequest:
     """A verified CSR reduced to the parts meshca looks at.
 
     ``uri_sans`` are what the caller asked to be named; everything else it asked for
-    (subject, DNS names, extensions) is ignored when the leaf is built.
+    (subject, DNS names, extensions) is ignored when the leaf is built. ``dns_sans`` and
+    ``other_sans`` (the kinds of any other names: ``ip``, ``email``, ``other``) are kept
+    for the doors that name workloads by DNS (Linkerd), which refuse anything else.
     """
 
     public_key: LeafPublicKey
     uri_sans: tuple[str, ...]
     sha256: str
+    dns_sans: tuple[str, ...] = ()
+    other_sans: tuple[str, ...] = ()
 
     @property
     def key_description(self) -> str:
@@ -81,10 +85,13 @@ def parse_csr(data: bytes) -> CsrRequest:
     leaf_key = _check_key(public_key)
     extensions = _extensions(csr)
     _refuse_ca_request(extensions)
+    uris, dns_names, others = _sans(extensions)
     return CsrRequest(
         public_key=leaf_key,
-        uri_sans=_uri_sans(extensions),
+        uri_sans=uris,
         sha256=hashlib.sha256(csr.public_bytes(Encoding.DER)).hexdigest(),
+        dns_sans=dns_names,
+        other_sans=others,
     )
 
 
@@ -156,13 +163,34 @@ def _refuse_ca_request(extensions: x509.Extensions) -> None:
             )
 
 
-def _uri_sans(extensions: x509.Extensions) -> tuple[str, ...]:
+def _sans(
+    extensions: x509.Extensions,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The URI and DNS names asked for, and the kinds of any other names."""
     try:
         san = extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
     except x509.ExtensionNotFound:
-        return ()
+        return (), (), ()
     assert isinstance(san, x509.SubjectAlternativeName)
-    return tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    uris: list[str] = []
+    dns_names: list[str] = []
+    others: list[str] = []
+    for name in san:
+        if isinstance(name, x509.UniformResourceIdentifier):
+            uris.append(name.value)
+        elif isinstance(name, x509.DNSName):
+            dns_names.append(name.value)
+        else:
+            others.append(_SAN_KINDS.get(type(name), "other"))
+    return tuple(uris), tuple(dns_names), tuple(others)
+
+
+_SAN_KINDS: dict[type[x509.GeneralName], str] = {
+    x509.IPAddress: "ip",
+    x509.RFC822Name: "email",
+    x509.DirectoryName: "directory-name",
+    x509.RegisteredID: "registered-id",
+}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -73,7 +73,9 @@ def tlv(tag: int, content: bytes) -> bytes:
 
 def encode_integer(value: int) -> bytes:
     """An INTEGER element in the fewest two's-complement bytes."""
-    size = value.bit_length() // 8 + 1
+    # A negative value needs the bits of its complement plus the sign bit: -128 is 0x80.
+    magnitude = value if value >= 0 else ~value
+    size = magnitude.bit_length() // 8 + 1
     return tlv(INTEGER, value.to_bytes(size, "big", signed=True))
 
 

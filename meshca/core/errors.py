@@ -12,8 +12,12 @@ and never carry tokens or key material.
     │   ├── AmbiguousPath              an HTTP path that cannot be matched safely
     │   └── InvalidPolicy              policy files that cannot be loaded (``problems``)
     ├── RequestTooLarge                an input over its size limit
+    ├── LimitExceeded                  a caller or an API is over one of its limits
+    │   ├── RateLimited                a pod (or token) asked for too many certificates
+    │   └── TooManyCalls               too many calls of one API are in progress
     ├── AuthenticationFailed           the token is missing, bad, expired, for someone else
     ├── NotAuthorized                  authenticated, but asks for more than it may have
+    │   └── Revoked                    the identity or key is on the deny-list
     ├── Unavailable                    a backend we depend on cannot answer now
     │   ├── AuthorityNotReady
     │   ├── BackendUnavailable
@@ -26,6 +30,7 @@ and never carry tokens or key material.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 
 __all__ = [
     "AmbiguousPath",
@@ -38,10 +43,14 @@ __all__ = [
     "InvalidSpiffeId",
     "IssuedCertificateInvalid",
     "JournalConflict",
+    "LimitExceeded",
     "MalformedCsr",
     "MeshcaError",
     "NotAuthorized",
+    "RateLimited",
     "RequestTooLarge",
+    "Revoked",
+    "TooManyCalls",
     "Unavailable",
     "UnsafeChange",
     "WeakKey",
@@ -101,12 +110,38 @@ class RequestTooLarge(MeshcaError):
     reason = "request-too-large"
 
 
+class LimitExceeded(MeshcaError):
+    """The request is well-formed and allowed, but over a limit now; it may work later."""
+
+    reason = "limit-exceeded"
+
+
+class RateLimited(LimitExceeded):
+    """Over ``--issuance-rate``; ``retry_after`` says when one more would be admitted."""
+
+    reason = "rate-limited"
+
+    def __init__(self, message: str, *, retry_after: timedelta) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyCalls(LimitExceeded):
+    reason = "too-many-calls"
+
+
 class AuthenticationFailed(MeshcaError):
     reason = "unauthenticated"
 
 
 class NotAuthorized(MeshcaError):
     reason = "not-authorized"
+
+
+class Revoked(NotAuthorized):
+    """Issuance refused by a deny-list entry; the message names the entry's id only."""
+
+    reason = "revoked"
 
 
 class Unavailable(MeshcaError):

@@ -9,7 +9,7 @@ from datetime import datetime
 from meshca.core.errors import AuthenticationFailed
 from meshca.core.spiffe import SpiffeId, TrustDomain
 
-__all__ = ["KubernetesIdentity", "spiffe_id_for"]
+__all__ = ["KubernetesIdentity", "is_namespace", "is_service_account", "spiffe_id_for"]
 
 # Namespaces are DNS-1123 labels and service accounts DNS-1123 subdomains; both are a
 # subset of what a SPIFFE path segment allows, so a valid pair always maps cleanly.
@@ -19,6 +19,16 @@ _LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _SUBDOMAIN_RE = re.compile(
     r"(?=.{1,253}\Z)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 )
+
+
+def is_namespace(name: str) -> bool:
+    """Whether ``name`` is a valid Kubernetes namespace name (a DNS-1123 label)."""
+    return _LABEL_RE.fullmatch(name) is not None
+
+
+def is_service_account(name: str) -> bool:
+    """Whether ``name`` is a valid service account name (a DNS-1123 subdomain)."""
+    return _SUBDOMAIN_RE.fullmatch(name) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +53,12 @@ def spiffe_id_for(identity: KubernetesIdentity, trust_domain: TrustDomain) -> Sp
 
     A token whose names are not valid Kubernetes names is treated as a bad token.
     """
-    if not _LABEL_RE.fullmatch(identity.namespace):
+    if not is_namespace(identity.namespace):
         raise AuthenticationFailed(
             f"token names an invalid namespace {identity.namespace[:80]!r}",
             reason="token-invalid-namespace",
         )
-    if not _SUBDOMAIN_RE.fullmatch(identity.service_account):
+    if not is_service_account(identity.service_account):
         raise AuthenticationFailed(
             f"token names an invalid service account {identity.service_account[:80]!r}",
             reason="token-invalid-service-account",

@@ -148,15 +148,19 @@ def issue_leaf_der(
     not_before: datetime,
     not_after: datetime,
     serial: int,
+    dns_names: Sequence[str] = (),
 ) -> bytes:
     """``issue_leaf``'s certificate, as DER, made from the issuer's leaf template.
 
     The bytes are the ones ``issue_leaf`` would sign; issuers the template does not
-    cover go through ``CertificateBuilder``.
+    cover go through ``CertificateBuilder``. ``dns_names`` follow the SPIFFE ID in the
+    SAN, for doors that name a workload by DNS as well (Linkerd): the caller has checked
+    them against the attested identity.
     """
     template = issuer.leaf_template
     if template is None:
-        leaf = issue_leaf(csr, spiffe_id, issuer, not_before, not_after, serial)
+        names = [x509.DNSName(name) for name in dns_names]
+        leaf = issue_leaf(csr, spiffe_id, issuer, not_before, not_after, serial, names)
         return leaf.public_bytes(Encoding.DER)
     tbs = template.tbs(
         csr.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo),
@@ -165,5 +169,6 @@ def issue_leaf_der(
         not_after,
         serial,
         key_encipherment=isinstance(csr.public_key, rsa.RSAPublicKey),
+        dns_names=dns_names,
     )
     return template.certificate(tbs)

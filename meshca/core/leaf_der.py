@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -66,6 +66,7 @@ _SUBJECT_KEY_ID_HEAD = bytes.fromhex("301d0603551d0e04160414")
 _AUTHORITY_KEY_ID_OID = "551d23"
 _SUBJECT_ALT_NAME_OID = "551d11"
 _URI_NAME = 0x86  # GeneralName [6] IA5String
+_DNS_NAME = 0x82  # GeneralName [2] IA5String
 
 
 def subject_key_identifier(public_key_der: bytes) -> bytes:
@@ -134,9 +135,16 @@ class LeafTemplate:
         serial: int,
         *,
         key_encipherment: bool,
+        dns_names: Sequence[str] = (),
     ) -> bytes:
-        """The TBSCertificate of a leaf for ``spiffe_id`` (an ASCII URI) and this key."""
-        san = der.tlv(der.SEQUENCE, der.tlv(_URI_NAME, spiffe_id.encode("ascii")))
+        """The TBSCertificate of a leaf for ``spiffe_id`` (an ASCII URI) and this key.
+
+        ``dns_names`` (ASCII) follow the URI in the SAN, in order.
+        """
+        names = der.tlv(_URI_NAME, spiffe_id.encode("ascii"))
+        for name in dns_names:
+            names += der.tlv(_DNS_NAME, name.encode("ascii"))
+        san = der.tlv(der.SEQUENCE, names)
         extensions = b"".join(
             (
                 _BASIC_CONSTRAINTS,
@@ -155,9 +163,7 @@ class LeafTemplate:
                     der.encode_integer(serial),
                     self.signature_algorithm,
                     self.issuer_name,
-                    der.tlv(
-                        der.SEQUENCE, der.encode_time(not_before) + der.encode_time(not_after)
-                    ),
+                    der.tlv(der.SEQUENCE, der.encode_time(not_before) + der.encode_time(not_after)),
                     _EMPTY_SUBJECT,
                     public_key_der,
                     der.tlv(der.CONTEXT_3, der.tlv(der.SEQUENCE, extensions)),

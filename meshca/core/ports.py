@@ -11,6 +11,7 @@ from cryptography import x509
 
 from meshca.core.audit import AuditPage, AuditQuery, AuditRecord, LogEntry
 from meshca.core.authority import SignerKey
+from meshca.core.denylist import DenyList
 from meshca.core.identity import KubernetesIdentity
 from meshca.core.log import (
     ConsistencyProof,
@@ -18,6 +19,7 @@ from meshca.core.log import (
     LogState,
     SignedTreeHead,
 )
+from meshca.core.rate_limit import IssuanceRate
 from meshca.core.rotation import AuthorityEntry, AuthoritySet, Transition
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "AuditReader",
     "AuthorityJournal",
     "Clock",
+    "DenyListSource",
+    "IssuanceLimiter",
     "IssuanceLog",
     "KeyImporter",
     "KeyInventory",
@@ -62,6 +66,21 @@ class Attestor(Protocol):
 
         Raises ``AuthenticationFailed`` for any problem with the token itself and
         ``BackendUnavailable`` when the party that must vouch for it cannot be reached.
+        """
+        ...
+
+
+class IssuanceLimiter(Protocol):
+    """Counts issuances per caller key (``--issuance-rate``); see ``core.rate_limit``."""
+
+    @property
+    def rate(self) -> IssuanceRate: ...
+
+    def admit(self, key: str, now: datetime) -> timedelta | None:
+        """Take one for ``key``: None if admitted, else how long until one is free.
+
+        A refusal must leave ``key``'s count as it was. Must not block for long: it
+        runs on the event loop, once per attested request.
         """
         ...
 
@@ -223,4 +242,19 @@ class UpstreamAuthority(Protocol):
         self, root_ref: str, csr: x509.CertificateSigningRequest, ttl: timedelta
     ) -> SignedIntermediate:
         """Have root ``root_ref`` sign ``csr`` as a CA that may sign only leaves."""
+        ...
+
+
+class DenyListSource(Protocol):
+    """Where servers read the deny-list from. Blocking: callers run it off the event loop.
+
+    Both methods raise ``BackendUnavailable`` if storage is down.
+    """
+
+    def revision(self) -> int:
+        """A number that changes with every add or lift (-1 for a list never written)."""
+        ...
+
+    def load(self) -> DenyList:
+        """Every entry not lifted, with the revision it was read at."""
         ...

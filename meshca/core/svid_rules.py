@@ -8,7 +8,7 @@ template as well as ``CertificateBuilder``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 from cryptography import x509
@@ -31,6 +31,7 @@ _SUBJECT_ALT_NAME = b"\x55\x1d\x11"
 _SERVER_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x01"
 _CLIENT_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x02"
 _URI_NAME = 0x86  # GeneralName uniformResourceIdentifier: [6] IA5String, implicit
+_DNS_NAME = 0x82  # GeneralName dNSName: [2] IA5String, implicit
 # keyUsage bits (RFC 5280 4.2.1.3) as masks of the BIT STRING's first byte: bit 0 is
 # the most significant.
 _DIGITAL_SIGNATURE = 0x80
@@ -39,15 +40,20 @@ _CRL_SIGN = 0x02
 
 
 def check_leaf_svid(
-    cert: x509.Certificate | bytes, spiffe_id: SpiffeId, issuer: Authority
+    cert: x509.Certificate | bytes,
+    spiffe_id: SpiffeId,
+    issuer: Authority,
+    dns_names: Sequence[str] | None = None,
 ) -> None:
     """Raise ``IssuedCertificateInvalid`` unless ``cert`` is a valid leaf SVID for the ID.
 
-    ``cert`` is the certificate or its DER. Every broken rule is named in the message.
+    ``cert`` is the certificate or its DER. With ``dns_names``, the SAN's DNS names must
+    be exactly those, in order (a leaf for a DNS-named door such as Linkerd's). Every
+    broken rule is named in the message.
     """
     data = cert if isinstance(cert, bytes) else cert.public_bytes(Encoding.DER)
     try:
-        problems = list(_leaf_problems(data, spiffe_id, issuer))
+        problems = list(_leaf_problems(data, spiffe_id, issuer, dns_names))
     except der.DerError as error:
         problems = [f"not a DER certificate: {error}"]
     if problems:
@@ -65,7 +71,9 @@ class _Extension:
         self.end = end
 
 
-def _leaf_problems(data: bytes, spiffe_id: SpiffeId, issuer: Authority) -> Iterator[str]:
+def _leaf_problems(
+    data: bytes, spiffe_id: SpiffeId, issuer: Authority, dns_names: Sequence[str] | None
+) -> Iterator[str]:
     tag, start, end = der.read(data)
     if tag != der.SEQUENCE or end != len(data):
         raise der.DerError("not one SEQUENCE")
@@ -99,6 +107,10 @@ def _leaf_problems(data: bytes, spiffe_id: SpiffeId, issuer: Authority) -> Itera
         yield f"exactly one URI SAN equal to {spiffe_id} (with a non-root path) is required"
     elif subject[1] == subject[2] and not (san and san.critical):
         yield "with an empty subject the SAN extension must be critical"
+    if dns_names is not None:
+        found = _names(data, san, _DNS_NAME) if san is not None else []
+        if found != list(dns_names):
+            yield f"DNS SANs must be exactly {list(dns_names)}"
     if serial_field[0] != der.INTEGER:
         raise der.DerError("serial is not an INTEGER")
     serial = der.read_integer(data, serial_field[1], serial_field[2])
@@ -167,17 +179,22 @@ def _purposes(data: bytes, ext: _Extension) -> set[bytes]:
 
 
 def _uris(data: bytes, ext: _Extension) -> list[str]:
+    return _names(data, ext, _URI_NAME)
+
+
+def _names(data: bytes, ext: _Extension, kind: int) -> list[str]:
+    """The SAN's names of one IA5String kind (URI, DNS), in order."""
     tag, start, end = der.read(data, ext.start, ext.end)
     if tag != der.SEQUENCE or end != ext.end:
         raise der.DerError("subjectAltName is not a SEQUENCE")
-    uris = []
+    names = []
     for name_tag, name_start, name_end in der.children(data, start, end):
-        if name_tag == _URI_NAME:
+        if name_tag == kind:
             try:
-                uris.append(data[name_start:name_end].decode("ascii"))
+                names.append(data[name_start:name_end].decode("ascii"))
             except UnicodeDecodeError:
-                raise der.DerError("URI SAN is not IA5") from None
-    return uris
+                raise der.DerError("SAN name is not IA5") from None
+    return names
 
 
 def _not_after(data: bytes, validity: tuple[int, int, int]) -> datetime:

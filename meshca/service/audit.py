@@ -97,8 +97,8 @@ class AuditService:
 
     async def refusals(self, caller: AuditCaller, query: AuditQuery) -> AuditPage:
         """``query`` limited to refused requests."""
-        if query.outcome is Outcome.ISSUED:
-            raise InvalidRequest("refusals cannot be filtered by outcome 'issued'")
+        if query.outcome not in (None, Outcome.REFUSED):
+            raise InvalidRequest(f"refusals cannot be filtered by outcome {query.outcome!r}")
         return await self.query(caller, replace(query, outcome=Outcome.REFUSED))
 
     async def get(

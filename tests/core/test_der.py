@@ -104,3 +104,10 @@ def test_random_bytes_raise_only_der_errors(data: bytes) -> None:
             assert start <= inner_start <= inner_end <= end
     except der.DerError:
         pass
+
+
+@pytest.mark.parametrize("value", [-129, -128, -1, 0, 127, 128, 255, 256, -(2**63)])
+def test_integer_edges_are_minimal(value: int) -> None:
+    encoded = der.encode_integer(value)
+    assert der.read_integer(encoded, 2, len(encoded)) == value
+    assert len(encoded) - 2 == max(1, (value if value >= 0 else ~value).bit_length() // 8 + 1)

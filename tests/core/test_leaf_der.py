@@ -139,3 +139,27 @@ def test_pem_is_what_cryptography_writes(issuers: dict[str, Pki]) -> None:
             assert certificate_pem(cert.public_bytes(Encoding.DER)) == (
                 cert.public_bytes(Encoding.PEM).decode()
             )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    issuer_kind=st.sampled_from(ISSUER_KINDS),
+    names=st.lists(
+        st.from_regex(r"[a-z0-9]([-a-z0-9.]{0,80}[a-z0-9])?", fullmatch=True), max_size=3
+    ),
+)
+def test_template_with_dns_names_equals_certificate_builder(
+    issuers: dict[str, Pki], issuer_kind: str, names: list[str]
+) -> None:
+    issuer = issuers[issuer_kind].authority
+    csr = parse_csr(csr_der())
+    spiffe_id = SpiffeId.parse("spiffe://example.org/ns/emojivoto/sa/web")
+    not_after = NOW + timedelta(hours=1)
+
+    built = issue_leaf(
+        csr, spiffe_id, issuer, NOW, not_after, 2**70, [x509.DNSName(n) for n in names]
+    )
+    made = issue_leaf_der(csr, spiffe_id, issuer, NOW, not_after, 2**70, names)
+
+    assert x509.load_der_x509_certificate(made).tbs_certificate_bytes == built.tbs_certificate_bytes
+    check_leaf_svid(made, spiffe_id, issuer, names)

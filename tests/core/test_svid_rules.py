@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from meshca.core.csr import parse_csr
 from meshca.core.errors import InternalError, IssuedCertificateInvalid
-from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
+from meshca.core.issuance import IssuancePolicy, issue_leaf, issue_leaf_der, leaf_lifetime
 from meshca.core.spiffe import SpiffeId
 from meshca.core.svid_rules import check_leaf_svid
 from tests.core.builders import (
@@ -326,3 +326,17 @@ def test_truncated_leaf_is_refused(pki: Pki) -> None:
     leaf = custom_leaf(pki.authority).public_bytes(Encoding.DER)
     with pytest.raises(IssuedCertificateInvalid, match="not a DER certificate"):
         check_leaf_svid(leaf[:-1], WORKLOAD_ID, pki.authority)
+
+
+def test_dns_names_must_be_exactly_the_ones_meant() -> None:
+    pki = build_pki()
+    csr = parse_csr(csr_der())
+    name = "web.default.serviceaccount.identity.linkerd.cluster.local"
+    leaf = issue_leaf_der(
+        csr, WORKLOAD_ID, pki.authority, NOW, NOW + timedelta(hours=1), 2**70, (name,)
+    )
+    check_leaf_svid(leaf, WORKLOAD_ID, pki.authority, (name,))
+    check_leaf_svid(leaf, WORKLOAD_ID, pki.authority)  # no expectation: not looked at
+    for wrong in ((), ("other.example.com",), (name, name)):
+        with pytest.raises(IssuedCertificateInvalid, match="DNS SANs must be exactly"):
+            check_leaf_svid(leaf, WORKLOAD_ID, pki.authority, wrong)

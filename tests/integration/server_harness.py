@@ -68,6 +68,8 @@ class RunningServer:
     settings: Settings
     worker: app.Worker
     minter: TokenMinter
+    #: A client SVID (key PEM, chain PEM) for ``policy_channel``, when a test made one.
+    client: tuple[bytes, bytes] | None = None
 
     @property
     def target(self) -> str:
@@ -82,6 +84,15 @@ class RunningServer:
         return grpc.aio.secure_channel(
             self.target,
             grpc.ssl_channel_credentials(self.roots_pem),
+            options=[("grpc.ssl_target_name_override", "localhost")],
+        )
+
+    def policy_channel(self) -> grpc.aio.Channel:
+        """A channel to the policy port (``--policy-listen``), presenting ``client``."""
+        assert self.worker.policy_port is not None and self.client is not None
+        return grpc.aio.secure_channel(
+            f"127.0.0.1:{self.worker.policy_port}",
+            grpc.ssl_channel_credentials(self.roots_pem, *self.client),
             options=[("grpc.ssl_target_name_override", "localhost")],
         )
 

@@ -220,3 +220,44 @@ def test_help_names_every_command() -> None:
     assert result.returncode == 0
     for command in ("serve", "dev", "ca", "audit"):
         assert command in result.stdout
+
+
+def test_dev_mode_with_policies_serves_ext_authz_on_its_port_and_the_api_by_token(
+    tmp_path: Path,
+) -> None:
+    policies = Path(__file__).resolve().parents[2] / "policies"
+    command = [*MESHCA, "dev", "serve", "--listen", "127.0.0.1:0", "--data-dir", "dev"]
+    with subprocess.Popen(
+        [*command, "--policy-dir", str(policies)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    ) as process:
+        try:
+            port = _wait_for_line(
+                process, r"serving on 127\.0\.0\.1:(\d+)", time.monotonic() + 30
+            ).group(1)
+            _wait_for_line(process, r"ext_authz on .* open to anyone", time.monotonic() + 30)
+            hint = _wait_for_line(process, r"meshca policy status .*", time.monotonic() + 30)
+            assert "--token-file dev/policy-token" in hint.group(0)
+            token = tmp_path / "dev" / "policy-token"
+            assert token.stat().st_mode & 0o077 == 0 and len(token.read_text().strip()) >= 32
+            roots = _run("ca", "bundle", "--data-dir", "dev", cwd=tmp_path)
+            (tmp_path / "roots.pem").write_text(roots.stdout)
+            status = [
+                "policy",
+                "status",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--ca-file",
+                "roots.pem",
+            ]
+            refused = _run(*status, cwd=tmp_path)
+            assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+            served = _run(*status, "--token-file", "dev/policy-token", cwd=tmp_path)
+            assert served.returncode == 0, served.stderr
+            assert "healthy         yes" in served.stdout
+        finally:
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=20) == 0

@@ -20,6 +20,7 @@ from meshca.adapters.storage.decision_log import SqlDecisionLog
 from meshca.adapters.storage.engine import make_engine
 from meshca.cli import main as meshca_main
 from tests.integration.server_harness import RunningServer, running_server
+from tests.integration.test_audit_api import _issue
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +29,23 @@ FRONTEND = "spiffe://cluster.local/ns/shop/sa/frontend"
 BACKEND = "spiffe://cluster.local/ns/shop/sa/backend"
 
 
+ADMIN = "spiffe://example.org/ns/ops/sa/policy-admin"
+
+
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
+    """ext_authz and PolicyService on the policy port; the client is a policy admin's
+    SVID issued by meshca itself (any SVID of the trust domain may call ext_authz)."""
     policy_dir = tmp_path / "policies"
     shutil.copytree(REPO / "policies", policy_dir)
     async for running in running_server(
         tmp_path,
         policy_dir=policy_dir,
         policy_poll_interval=_seconds(0.2),
+        policy_listen="127.0.0.1:0",
+        policy_admin=(ADMIN,),
     ):
+        running.client = await _issue(running, "ops", "policy-admin")
         yield running
 
 
@@ -76,7 +85,7 @@ def check_request(
 
 
 async def _check(server: RunningServer, request: object) -> external_auth_pb2.CheckResponse:
-    async with server.channel() as channel:
+    async with server.policy_channel() as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
         return await stub.Check(request, timeout=10)
 
@@ -113,7 +122,7 @@ async def test_policy_service_check_explain_status_and_health(server: RunningSer
     request = policy_pb2.PolicyCheckRequest(
         source_principal=FRONTEND, destination_principal=BACKEND, method="GET", path="/admin"
     )
-    async with server.channel() as channel:
+    async with server.policy_channel() as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
         decision = await stub.Check(request, timeout=10)
         explanation = await stub.Explain(request, timeout=10)
@@ -162,7 +171,7 @@ async def test_reload_without_restart_and_a_broken_file_changes_nothing(
     )
 
     async def unhealthy() -> bool:
-        async with server.channel() as channel:
+        async with server.policy_channel() as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service="meshca.policy"), timeout=10
             )
@@ -172,7 +181,7 @@ async def test_reload_without_restart_and_a_broken_file_changes_nothing(
     still = await _check(server, products)
     assert still.status.code == code_pb2.OK
     assert still.dynamic_metadata.fields["version"].string_value == old_version
-    async with server.channel() as channel:
+    async with server.policy_channel() as channel:
         status = await policy_pb2_grpc.PolicyServiceStub(channel).Status(
             policy_pb2.PolicyStatusRequest(), timeout=10
         )
@@ -234,10 +243,21 @@ async def test_policy_status_command(
 ) -> None:
     roots = tmp_path / "roots.pem"
     roots.write_bytes(server.roots_pem)
-    code = await asyncio.to_thread(
-        meshca_main,
-        ["policy", "status", "--server", server.target, "--ca-file", str(roots)],
-    )
+    assert server.client is not None
+    key, cert = tmp_path / "admin.key", tmp_path / "admin.pem"
+    key.write_bytes(server.client[0])
+    cert.write_bytes(server.client[1])
+    target = f"127.0.0.1:{server.worker.policy_port}"
+    base = ["policy", "status", "--server", target, "--ca-file", str(roots)]
+    code = await asyncio.to_thread(meshca_main, [*base, "--cert", str(cert), "--key", str(key)])
     out = capsys.readouterr().out
     assert code == 0
     assert "policies        7" in out and "healthy         yes" in out
+    # The main port serves no policy API; the policy port takes no caller without an SVID.
+    for argv in (
+        ["policy", "status", "--server", server.target, "--ca-file", str(roots)],
+        base,
+    ):
+        assert await asyncio.to_thread(meshca_main, argv) == 1
+    err = capsys.readouterr().err
+    assert "UNIMPLEMENTED" in err and "UNAVAILABLE" in err

@@ -92,6 +92,8 @@ async def server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         tmp_path,
         metrics_listen="127.0.0.1:0",
         policy_dir=policy_dir,
+        # Decisions are counted wherever they are served; the main port keeps this short.
+        policy_insecure_main_port=True,
         tree_head_interval=timedelta(seconds=0.2),
     ):
         yield running

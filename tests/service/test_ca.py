@@ -14,7 +14,7 @@ from meshca.core import errors
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.identity import KubernetesIdentity
 from meshca.core.issuance import IssuancePolicy
-from meshca.service.ca import MAX_TOKEN_BYTES, CertificateService, SignRequest
+from meshca.service.ca import MAX_TOKEN_BYTES, CertificateService, LinkerdDoor, SignRequest
 from tests.core.builders import NOW, TRUST_DOMAIN, build_pki, csr_der, csr_pem, private_key
 from tests.fakes import FakeAttestor, FakeClock, MemoryAuditLog
 
@@ -36,6 +36,7 @@ def _service(
     audit: MemoryAuditLog,
     attestor: FakeAttestor | None = None,
     on_outcome: Callable[[AuditRecord, timedelta], None] | None = None,
+    linkerd: LinkerdDoor | None = None,
 ) -> CertificateService:
     serials = iter(range(1 << 100, (1 << 100) + 10_000))
     return CertificateService(
@@ -48,6 +49,7 @@ def _service(
         new_serial=lambda: next(serials),
         offload=_inline,
         on_outcome=on_outcome,
+        linkerd=linkerd,
     )
 
 
@@ -210,3 +212,109 @@ async def test_a_failing_observer_does_not_fail_issuance() -> None:
     audit = MemoryAuditLog()
     signed = await _service(audit, on_outcome=broken).sign(_request())
     assert audit.records[0].serial == f"{signed.serial:x}"
+
+
+# Linkerd's door: its own attestor and names, through the same path and record.
+
+LINKERD_DOMAIN = "linkerd.cluster.local"
+WEB_LINKERD = "web.default.serviceaccount.identity.linkerd.cluster.local"
+
+
+def _linkerd_service(audit: MemoryAuditLog) -> CertificateService:
+    # Only tokens for Linkerd's audience pass its door's attestor.
+    door = LinkerdDoor(FakeAttestor({"linkerd-token": WEB}), LINKERD_DOMAIN)
+    return _service(audit, FakeAttestor({"meshca-token": WEB}), linkerd=door)
+
+
+def _linkerd_request(
+    identity: str = WEB_LINKERD, token: str = "linkerd-token", csr: bytes | None = None
+) -> SignRequest:
+    return SignRequest(
+        token=token,
+        csr=csr if csr is not None else csr_der(dns=(WEB_LINKERD,), subject=None),
+        requested_ttl=None,
+        api="io.linkerd.proxy.identity.Certify",
+        linkerd_identity=identity,
+    )
+
+
+async def test_linkerd_door_issues_a_leaf_with_its_dns_name_and_spiffe_id() -> None:
+    audit = MemoryAuditLog()
+    signed = await _linkerd_service(audit).sign(_linkerd_request())
+    san = signed.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [WEB_LINKERD]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [WEB_ID]
+    [record] = audit.records
+    assert (record.outcome, record.api, record.spiffe_id) == (
+        Outcome.ISSUED,
+        "io.linkerd.proxy.identity.Certify",
+        WEB_ID,
+    )
+
+
+async def test_the_other_doors_never_add_dns_names() -> None:
+    audit = MemoryAuditLog()
+    signed = await _linkerd_service(audit).sign(
+        _request(token="meshca-token", csr=csr_pem(dns=(WEB_LINKERD,)))
+    )
+    san = signed.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == []
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "reason"),
+    [
+        pytest.param(
+            _linkerd_request(token="meshca-token"),
+            errors.AuthenticationFailed,
+            "token-invalid",
+            id="fail/other-doors-token",
+        ),
+        pytest.param(
+            _linkerd_request(identity=WEB_LINKERD.replace("web.", "admin.")),
+            errors.NotAuthorized,
+            "linkerd-identity-mismatch",
+            id="fail/asks-for-another-identity",
+        ),
+        pytest.param(
+            _linkerd_request(identity="web.default"),
+            errors.InvalidRequest,
+            "linkerd-identity-malformed",
+            id="fail/malformed-identity",
+        ),
+        pytest.param(
+            _linkerd_request(csr=csr_pem(dns=(WEB_LINKERD,))),
+            errors.MalformedCsr,
+            "csr-not-der",
+            id="fail/pem-csr",
+        ),
+        pytest.param(
+            _linkerd_request(csr=csr_der(dns=("admin.default.serviceaccount.identity.x",))),
+            errors.NotAuthorized,
+            "linkerd-identity-mismatch",
+            id="fail/csr-names-another",
+        ),
+    ],
+)
+async def test_linkerd_refusals_are_recorded_with_the_door(
+    request_: SignRequest, error: type[Exception], reason: str
+) -> None:
+    audit = MemoryAuditLog()
+    with pytest.raises(error):
+        await _linkerd_service(audit).sign(request_)
+    [record] = audit.records
+    assert (record.outcome, record.api, record.reason) == (
+        Outcome.REFUSED,
+        "io.linkerd.proxy.identity.Certify",
+        reason,
+    )
+    assert record.serial is None
+
+
+async def test_a_meshca_token_is_refused_by_linkerd_and_a_linkerd_token_by_the_others() -> None:
+    audit = MemoryAuditLog()
+    service = _linkerd_service(audit)
+    with pytest.raises(errors.AuthenticationFailed):
+        await service.sign(_request(token="linkerd-token"))
+    with pytest.raises(errors.AuthenticationFailed):
+        await service.sign(_linkerd_request(token="meshca-token"))

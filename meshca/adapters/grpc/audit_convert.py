@@ -27,6 +27,8 @@ __all__ = [
 _OUTCOMES = {
     Outcome.ISSUED: audit_pb2.OUTCOME_ISSUED,
     Outcome.REFUSED: audit_pb2.OUTCOME_REFUSED,
+    Outcome.REVOKED: audit_pb2.OUTCOME_REVOKED,
+    Outcome.LIFTED: audit_pb2.OUTCOME_LIFTED,
 }
 _OUTCOMES_BACK = {value: key for key, value in _OUTCOMES.items()}
 _TEXT_FIELDS = (

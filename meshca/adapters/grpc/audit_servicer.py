@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc
@@ -15,33 +14,13 @@ from meshca.adapters.grpc.audit_convert import (
     head_to_proto,
     query_from_proto,
 )
-from meshca.adapters.grpc.metadata import bearer_token
+from meshca.adapters.grpc.metadata import bearer_token, peer_spiffe_id
 from meshca.core.log import LogState
 from meshca.service.audit import AuditCaller, AuditService
 
 __all__ = ["AuditServicer", "caller_of", "peer_spiffe_id"]
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
-
-
-def peer_spiffe_id(context: Context) -> str | None:
-    """The SPIFFE ID of the client certificate gRPC verified, if the caller sent one.
-
-    Only the audit port asks for client certificates, verified against the trust
-    bundle; the certificate must carry exactly one ``spiffe://`` URI SAN.
-    """
-    auth = context.auth_context() or {}
-    pems = auth.get("x509_pem_cert") or []
-    if not pems:
-        return None
-    cert = x509.load_pem_x509_certificate(pems[0])
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)]
-    spiffe = [u for u in uris if u.startswith("spiffe://")]
-    return spiffe[0] if len(spiffe) == 1 else None
 
 
 def caller_of(context: Context) -> AuditCaller:

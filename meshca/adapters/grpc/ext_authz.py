@@ -25,11 +25,14 @@ from google.rpc import code_pb2, status_pb2
 
 from meshca.adapters.grpc.errors import error_mapped
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.guard import admit
 from meshca.core.policy import AuthzRequest, Decision
+from meshca.service.access import CallerGuard
 from meshca.service.authz import AuthorizationService
 
 __all__ = [
     "API_NAME",
+    "CHECK_METHOD",
     "DENIED_BY_HEADER",
     "SERVICE_NAME",
     "VERSION_HEADER",
@@ -41,6 +44,8 @@ __all__ = [
 
 API_NAME = "envoy.ext_authz.v3"
 SERVICE_NAME = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+#: The method's name in the table of callers (``meshca.core.callers``).
+CHECK_METHOD = f"{SERVICE_NAME}/Check"
 DENIED_BY_HEADER = "x-meshca-denied-by"
 VERSION_HEADER = "x-meshca-policy-version"
 
@@ -137,15 +142,21 @@ def to_check_response(decision: Decision) -> Any:
 
 
 class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):
-    def __init__(self, authz: AuthorizationService) -> None:
+    """Each call's caller is checked by ``guard`` first (its row: ``CHECK_METHOD``)."""
+
+    def __init__(self, authz: AuthorizationService, guard: CallerGuard) -> None:
         self._authz = authz
+        self._guard = guard
 
     async def Check(self, request: Any, context: Any) -> Any:
+        await admit(self._guard, CHECK_METHOD, context)
         decision = self._authz.check(to_authz_request(request), api=API_NAME)
         return to_check_response(decision)
 
 
-def add_to_server(authz: AuthorizationService, server: Any, gate: CallGate | None = None) -> None:
+def add_to_server(
+    authz: AuthorizationService, guard: CallerGuard, server: Any, gate: CallGate | None = None
+) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
-        error_mapped(ExtAuthzServicer(authz), gate), server
+        error_mapped(ExtAuthzServicer(authz, guard), gate), server
     )

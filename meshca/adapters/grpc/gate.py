@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from meshca.adapters.grpc.limits import CallLimits
 
 __all__ = ["DRAINING", "CallGate"]
 
@@ -30,10 +33,14 @@ class CallGate:
     """Admits calls until ``close``; counts the unary calls admitted and not yet done.
 
     Streams are not counted (a watch never ends by itself): ``until_closed`` ends them.
+    ``limits``: the per-API caps each call meets once admitted (``limits.CallLimits``).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, limits: CallLimits | None = None
+    ) -> None:
         self._clock = clock
+        self.limits = limits
         self._closed = asyncio.Event()
         self.in_flight = 0
         self._last_knock = clock()
@@ -78,13 +85,12 @@ class CallGate:
     async def until_closed(self, items: AsyncIterator[T]) -> AsyncIterator[T]:
         """``items`` until the gate closes; then the inner iterator is closed."""
         closed = asyncio.ensure_future(self._closed.wait())
+        following: asyncio.Future[T] | None = None
         try:
             while True:
                 following = asyncio.ensure_future(anext(items))
                 await asyncio.wait((following, closed), return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
-                    following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
                     return
                 try:
                     item = following.result()
@@ -93,6 +99,12 @@ class CallGate:
                 yield item
         finally:
             closed.cancel()
+            # The pending step must end before the iterator is closed: on a drain, and
+            # when the client cancels the call while we wait (the CancelledError lands
+            # here), aclose() on an iterator still running raises RuntimeError.
+            if following is not None and not following.done():
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
             aclose = getattr(items, "aclose", None)
             if aclose is not None:
                 await aclose()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from meshca.core.errors import AuthenticationFailed
 
-__all__ = ["bearer_token", "bearer_token_or_problem", "peer_address"]
+__all__ = ["bearer_token", "bearer_token_or_problem", "peer_address", "peer_spiffe_id"]
 
 
 def bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -46,3 +48,31 @@ def bearer_token_or_problem(
 def peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
     peer = context.peer()
     return str(peer) if peer else None
+
+
+def peer_spiffe_id(context: Any) -> str | None:
+    """The SPIFFE ID of the client certificate gRPC verified, if the caller sent one.
+
+    Only the mTLS ports (audit, policy) ask for client certificates, verified against
+    the trust bundle at the handshake; the certificate must carry exactly one
+    ``spiffe://`` URI SAN.
+    """
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert") or []
+    if not pems:
+        return None
+    return _spiffe_id_of(pems[0])
+
+
+# A connection's certificate is the same on every call: parse it once (ext_authz is a
+# hot path, and parsing costs more than a decision). Bounded; keyed by the PEM bytes.
+@functools.lru_cache(maxsize=4096)
+def _spiffe_id_of(pem: bytes) -> str | None:
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = [u for u in sans.get_values_for_type(x509.UniformResourceIdentifier)]
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    return spiffe[0] if len(spiffe) == 1 else None

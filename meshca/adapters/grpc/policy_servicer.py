@@ -1,4 +1,8 @@
-"""``meshca.v1.PolicyService``: Check, Explain and Status over the authorization service."""
+"""``meshca.v1.PolicyService``: Check, Explain and Status over the authorization service.
+
+Every call is first checked by the ``CallerGuard`` (policy admins only): the policy set
+is never revealed to anyone else, not even in an error.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,16 @@ from google.protobuf import timestamp_pb2
 from meshca.adapters.grpc._gen.meshca.v1 import policy_pb2, policy_pb2_grpc
 from meshca.adapters.grpc.errors import error_mapped
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.guard import admit
 from meshca.core.policy import AuthzRequest, Decision, PolicyRef
+from meshca.service.access import CallerGuard
 from meshca.service.authz import AuthorizationService
 
 __all__ = ["API_NAME", "SERVICE_NAME", "PolicyServicer", "add_to_server", "decision_to_proto"]
 
 API_NAME = "meshca.v1.PolicyService"
 SERVICE_NAME = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+_CHECK, _EXPLAIN, _STATUS = (f"{SERVICE_NAME}/{m}" for m in ("Check", "Explain", "Status"))
 
 
 def _ref(ref: PolicyRef | None) -> Any:
@@ -70,15 +77,19 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
     def __init__(
         self,
         authz: AuthorizationService,
+        guard: CallerGuard,
         record_counters: Callable[[], tuple[int, int]] | None = None,
     ) -> None:
         self._authz = authz
+        self._guard = guard
         self._record_counters = record_counters
 
     async def Check(self, request: Any, context: Any) -> Any:
+        await admit(self._guard, _CHECK, context)
         return decision_to_proto(self._authz.check(_request(request), api=API_NAME))
 
     async def Explain(self, request: Any, context: Any) -> Any:
+        await admit(self._guard, _EXPLAIN, context)
         explanation = self._authz.explain(_request(request))
         return policy_pb2.PolicyExplanation(
             decision=decision_to_proto(explanation.decision),
@@ -97,6 +108,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         )
 
     async def Status(self, request: Any, context: Any) -> Any:
+        await admit(self._guard, _STATUS, context)
         status = self._authz.status()
         failed, dropped = self._record_counters() if self._record_counters else (0, 0)
         return policy_pb2.PolicyStatus(
@@ -117,10 +129,11 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
 def add_to_server(
     authz: AuthorizationService,
+    guard: CallerGuard,
     server: Any,
     record_counters: Callable[[], tuple[int, int]] | None = None,
     gate: CallGate | None = None,
 ) -> None:
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(
-        error_mapped(PolicyServicer(authz, record_counters), gate), server
+        error_mapped(PolicyServicer(authz, guard, record_counters), gate), server
     )

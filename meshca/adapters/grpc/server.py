@@ -1,7 +1,7 @@
 """The grpc.aio server: our services, Istio's CA contract, health and reflection on one port.
 
 Optionally a second, plaintext server with nothing but health, for Kubernetes' gRPC
-probes, which cannot speak TLS.
+probes, which cannot speak TLS; the policy port's server is in ``policy_port``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshca.adapters.grpc import ext_authz, jwt_servicer, policy_servicer
+from meshca.adapters.grpc import ext_authz, jwt_servicer, linkerd_servicer, policy_servicer
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
 from meshca.adapters.grpc.ca_servicer import CertificateServicer, IstioCertificateServicer
 from meshca.adapters.grpc.errors import error_mapped
 from meshca.adapters.grpc.gate import CallGate
+from meshca.service.access import CallerGuard
 from meshca.service.authz import AuthorizationService
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService
@@ -39,6 +40,8 @@ __all__ = [
     "add_audit_port",
     "build_health_server",
     "build_server",
+    "enable_reflection",
+    "server_options",
 ]
 
 #: Requests larger than this get RESOURCE_EXHAUSTED from gRPC itself: a CSR is ~1 KiB.
@@ -144,6 +147,21 @@ def _fetch(tls_updates: Callable[[], ServerTls | None]) -> Any:
     return None if renewed is None else _certificate_configuration(renewed)
 
 
+def server_options(limits: ConnectionLimits | None) -> list[tuple[str, int]]:
+    """The options of every TLS server of ours: message and metadata caps, shared port."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+        *_SHARED_PORT,
+        *(limits or ConnectionLimits()).options(),
+        # Calls not yet picked up by the event loop: past these (grpc's defaults are
+        # 1,000 and 3,000) grpc answers CANCELLED, which a cold-start storm of proxies
+        # or 10,000 watchers reconnecting at once would otherwise meet.
+        ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
+    ]
+
+
 def build_server(
     *,
     ca: CertificateService,
@@ -156,6 +174,9 @@ def build_server(
     audit: audit_pb2_grpc.AuditServiceServicer | None = None,
     gate: CallGate | None = None,
     limits: ConnectionLimits | None = None,
+    policy_guard: CallerGuard | None = None,
+    reflection_on: bool = True,
+    linkerd: bool = False,
     jwt: JwtSvidService | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the server; returns it, the bound port and the health servicer.
@@ -163,22 +184,17 @@ def build_server(
     ``tls_updates`` is asked at each new TLS handshake for a renewed certificate (None:
     keep the current one). It must be quick: it runs on gRPC's own threads. With
     ``authz``, Envoy's ext_authz and ``meshca.v1.PolicyService`` are served too
-    (``record_counters``: the decision log's failed and dropped counts). Every
-    service but health comes through ``gate`` (see ``gate.CallGate``).
+    (``record_counters``: the decision log's failed and dropped counts), their callers
+    checked by ``policy_guard`` (required with ``authz``). ``meshca serve`` passes
+    ``authz`` here only with ``--policy-insecure-main-port``; otherwise the policy
+    services have a port and server of their own (``policy_port``). Every service but
+    health comes through ``gate`` (see ``gate.CallGate``). ``reflection_on``: False for
+    ``--no-reflection``. With ``linkerd``, Linkerd's identity API is served too (``ca``
+    must have a ``LinkerdDoor``); with ``jwt``, ``meshca.v1.JwtSvidService``.
     """
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            *_SHARED_PORT,
-            *(limits or ConnectionLimits()).options(),
-            # Calls not yet picked up by the event loop: past these (grpc's defaults are
-            # 1,000 and 3,000) grpc answers CANCELLED, which a cold-start storm of proxies
-            # or 10,000 watchers reconnecting at once would otherwise meet.
-            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
-        ],
-    )
+    if authz is not None and policy_guard is None:
+        raise ValueError("the policy services need a caller guard")
+    server = grpc.aio.server(options=server_options(limits))
     # Every servicer of ours reports errors through the one table in errors.py.
     ca_pb2_grpc.add_CertificateServiceServicer_to_server(
         error_mapped(CertificateServicer(ca, bundle), gate), server
@@ -186,26 +202,28 @@ def build_server(
     istio_grpc.add_IstioCertificateServiceServicer_to_server(
         error_mapped(IstioCertificateServicer(ca), gate), server
     )
-    if authz is not None:
-        ext_authz.add_to_server(authz, server, gate)
-        policy_servicer.add_to_server(authz, server, record_counters, gate)
+    if authz is not None and policy_guard is not None:
+        ext_authz.add_to_server(authz, policy_guard, server, gate)
+        policy_servicer.add_to_server(authz, policy_guard, server, record_counters, gate)
     if audit is not None:
         audit_pb2_grpc.add_AuditServiceServicer_to_server(error_mapped(audit, gate), server)
+    if linkerd:
+        linkerd_servicer.add_to_server(ca, server, gate)
     if jwt is not None:
         jwt_servicer.add_to_server(jwt, server, gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            *(POLICY_SERVICE_NAMES if authz is not None else ()),
-            *((AUDIT_SERVICE_NAME,) if audit is not None else ()),
-            *((jwt_servicer.SERVICE_NAME,) if jwt is not None else ()),
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    if reflection_on:
+        enable_reflection(
+            (
+                *SERVICE_NAMES,
+                *(POLICY_SERVICE_NAMES if authz is not None else ()),
+                *((AUDIT_SERVICE_NAME,) if audit is not None else ()),
+                *((linkerd_servicer.SERVICE_NAME,) if linkerd else ()),
+                *((jwt_servicer.SERVICE_NAME,) if jwt is not None else ()),
+            ),
+            server,
+        )
     if tls is None:
         port = server.add_insecure_port(listen)
     else:
@@ -219,6 +237,18 @@ def build_server(
     if port == 0:
         raise OSError(f"could not listen on {listen}")
     return server, port, health_servicer
+
+
+def enable_reflection(services: Sequence[str], server: grpc.aio.Server) -> None:
+    """Reflection listing ``services``, health and reflection itself."""
+    reflection.enable_server_reflection(
+        (
+            *services,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
 
 
 class _AuditCredentials:

@@ -7,6 +7,7 @@ token lifetimes short, or use ``TokenReviewAttestor``).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -69,6 +70,17 @@ class JwksAttestor:
         self._jws = jwt.PyJWS(
             algorithms=sorted(ALLOWED_ALGORITHMS), options={"enforce_minimum_key_length": True}
         )
+
+    def with_audiences(self, audiences: Sequence[str]) -> JwksAttestor:
+        """This attestor (same issuer, keys and key refreshes) accepting other audiences.
+
+        For a second door whose tokens are minted for another audience (Linkerd's).
+        """
+        if not audiences:
+            raise ValueError("at least one audience is required")
+        other = copy.copy(self)
+        other._audiences = frozenset(audiences)
+        return other
 
     async def attest(self, token: str) -> KubernetesIdentity:
         header, claims = decode_unverified(token)

@@ -8,6 +8,7 @@ a token dies with its pod. The cost is one API call per attestation; wrap the at
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,16 @@ class TokenReviewAttestor:
         self._reviewers = ThreadPoolExecutor(
             max_workers=max_concurrent_reviews, thread_name_prefix="meshca-tokenreview"
         )
+
+    def with_audiences(self, audiences: Sequence[str]) -> TokenReviewAttestor:
+        """This attestor (same API server client, credentials and review threads) asking
+        for other audiences: for a second door whose tokens are minted for another
+        audience (Linkerd's). Both share ``max_concurrent_reviews``."""
+        if not audiences:
+            raise ValueError("at least one audience is required")
+        other = copy.copy(self)
+        other._audiences = list(dict.fromkeys(audiences))
+        return other
 
     async def attest(self, token: str) -> KubernetesIdentity:
         _, claims = decode_unverified(token)

@@ -33,6 +33,7 @@ __all__ = [
     "AuthorityJournalRow",
     "Base",
     "DecisionRecordRow",
+    "DenyEntryRow",
     "IssuanceRecordRow",
     "LogNodeRow",
     "LogStateRow",
@@ -269,6 +270,31 @@ class DecisionRecordRow(Base):
         Index("ix_decision_record_policy_time", "policy", "time"),
         Index("ix_decision_record_allowed_time", "allowed", "time"),
     )
+
+
+class DenyEntryRow(Base):
+    """A deny-list entry (``core.denylist.DenyEntry``), added by ``meshca revoke``.
+
+    Each add and lift is also a record of the issuance log; ``leaf_index`` is the add's.
+    ``revision`` is the leaf index of the latest record about this entry, so the largest
+    ``revision`` changes with every add and lift: servers poll it to reload the list.
+    """
+
+    __tablename__ = "deny_entry"
+
+    id: Mapped[int] = mapped_column(_RecordId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String())
+    value: Mapped[str] = mapped_column(String())
+    reason: Mapped[str] = mapped_column(Text())
+    requested_by: Mapped[str] = mapped_column(String())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lifted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    lifted_by: Mapped[str | None] = mapped_column(String())
+    leaf_index: Mapped[int | None] = mapped_column(BigInteger())
+    revision: Mapped[int] = mapped_column(BigInteger())
+
+    __table_args__ = (Index("ix_deny_entry_revision", "revision"),)
 
 
 def create_schema(engine: Engine) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import pytest
+
 from meshca.adapters.grpc.gate import CallGate
 
 
@@ -95,3 +97,27 @@ async def test_until_closed_passes_a_finite_stream_through() -> None:
             yield i
 
     assert [i async for i in gate.until_closed(items())] == [0, 1, 2]
+
+
+async def test_a_cancelled_call_closes_its_stream_cleanly() -> None:
+    """The client cancels a watch while it waits: the stream closes, no RuntimeError."""
+    gate = CallGate()
+    finished = asyncio.Event()
+
+    async def watch() -> AsyncIterator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()
+        finally:
+            finished.set()
+
+    async def consume() -> None:
+        async for _item in gate.until_closed(watch()):
+            pass
+
+    consuming = asyncio.create_task(consume())
+    await asyncio.sleep(0.02)
+    consuming.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(consuming, 1.0)
+    assert finished.is_set()

@@ -495,3 +495,23 @@ def test_property_arbitrary_tokens_only_raise_authentication_failed(
     )
     with pytest.raises(AuthenticationFailed):
         asyncio.run(attestor.attest(token))
+
+
+async def test_with_audiences_shares_the_keys_but_not_the_audiences(
+    k8s_api: K8sApiStandIn,
+) -> None:
+    k8s_api.publish("rsa-1")
+    meshca = attestor_for(k8s_api)
+    linkerd = meshca.with_audiences(["identity.l5d.io"])
+    linkerd_token = k8s_api.minter.token(aud=["identity.l5d.io"])
+    meshca_token = k8s_api.minter.token()
+
+    assert (await linkerd.attest(linkerd_token)).service_account == "cart"
+    assert (await meshca.attest(meshca_token)).service_account == "cart"
+    for attestor, token in ((linkerd, meshca_token), (meshca, linkerd_token)):
+        with pytest.raises(AuthenticationFailed) as refused:
+            await attestor.attest(token)
+        assert refused.value.reason == "token-wrong-audience"
+    assert k8s_api.jwks_fetches == 1  # one key source for both doors
+    with pytest.raises(ValueError, match="audience"):
+        meshca.with_audiences([])

@@ -325,3 +325,21 @@ def test_property_arbitrary_tokens_only_raise_authentication_failed(
             asyncio.run(attestor.attest(token))
 
     check()
+
+
+async def test_with_audiences_reviews_for_the_other_door_only(k8s_api: K8sApiStandIn) -> None:
+    meshca = attestor_for(k8s_api)
+    linkerd = meshca.with_audiences(["identity.l5d.io"])
+    linkerd_token = k8s_api.minter.token(aud=["identity.l5d.io"])
+    meshca_token = k8s_api.minter.token()
+
+    assert (await linkerd.attest(linkerd_token)).service_account == "cart"
+    assert (await meshca.attest(meshca_token)).service_account == "cart"
+    for attestor, token in ((linkerd, meshca_token), (meshca, linkerd_token)):
+        with pytest.raises(AuthenticationFailed) as refused:
+            await attestor.attest(token)
+        assert refused.value.reason == "token-wrong-audience"
+    asked = [r["spec"]["audiences"] for r in k8s_api.review_requests]
+    assert asked == [["identity.l5d.io"], ["meshca"]] * 2
+    with pytest.raises(ValueError, match="audience"):
+        meshca.with_audiences([])

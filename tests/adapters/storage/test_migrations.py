@@ -78,12 +78,13 @@ def test_an_older_revision_is_refused_with_the_upgrade_command(
     from meshca.adapters.storage import migrate
 
     prepare_schema(engine, UPGRADE)
+    current = head_revision()
     # As if this meshca shipped a newer revision than the database has.
     monkeypatch.setattr(migrate, "head_revision", lambda: "0099")
 
     with pytest.raises(SchemaUnknown) as caught:
         prepare_schema(engine, UPGRADE)
-    assert "at schema revision 0002, and this meshca needs 0099" in str(caught.value)
+    assert f"at schema revision {current}, and this meshca needs 0099" in str(caught.value)
     assert UPGRADE in str(caught.value)
 
 

@@ -16,9 +16,13 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_UNSPECIFIED: _ClassVar[Outcome]
     OUTCOME_ISSUED: _ClassVar[Outcome]
     OUTCOME_REFUSED: _ClassVar[Outcome]
+    OUTCOME_REVOKED: _ClassVar[Outcome]
+    OUTCOME_LIFTED: _ClassVar[Outcome]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_ISSUED: Outcome
 OUTCOME_REFUSED: Outcome
+OUTCOME_REVOKED: Outcome
+OUTCOME_LIFTED: Outcome
 
 class RecordFilter(_message.Message):
     __slots__ = ("spiffe_id", "spiffe_id_prefix", "namespace", "service_account", "pod", "serial", "fingerprint", "since", "until", "outcome", "api")

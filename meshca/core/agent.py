@@ -1,0 +1,119 @@
+"""What ``meshca agent`` holds and when it acts: the workload's SVID, the trust bundle and
+the renewal schedule.
+
+Pure: every decision takes ``now`` (and, for jitter, a number drawn by the caller) and
+returns a value. The agent's loops (``meshca.service.agent``) sleep on what these say.
+
+Renewal: an SVID is renewed once half its lifetime is gone, less a random share of up to
+``jitter`` of its lifetime, so that many agents started together spread out. A failed
+attempt is retried after an exponential backoff with "equal jitter" (half fixed, half
+random), capped; the SVID already held keeps being served meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+__all__ = [
+    "AgentSvid",
+    "RenewalPolicy",
+    "TrustBundleView",
+    "Upstream",
+    "renew_at",
+    "retry_delay",
+    "svid_usable",
+]
+
+
+@dataclass(frozen=True)
+class AgentSvid:
+    """The workload's X509-SVID as the agent serves it.
+
+    ``chain_der`` is the leaf first, then the intermediates up to (excluding) the root;
+    ``key_der`` is the private key as unencrypted PKCS#8 DER.
+    """
+
+    spiffe_id: str
+    chain_der: tuple[bytes, ...]
+    key_der: bytes
+    not_before: datetime
+    not_after: datetime
+    serial: str
+
+
+@dataclass(frozen=True)
+class TrustBundleView:
+    """The roots of one trust domain (DER), with the server's change counter."""
+
+    trust_domain: str
+    roots_der: tuple[bytes, ...]
+    sequence: int
+
+
+@dataclass(frozen=True)
+class RenewalPolicy:
+    """How early to renew and how to back off; ``jitter`` is a share of the lifetime."""
+
+    jitter: float = 0.1
+    backoff_base: timedelta = timedelta(seconds=1)
+    backoff_cap: timedelta = timedelta(seconds=30)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.jitter < 0.5:
+            raise ValueError(f"jitter must be in [0, 0.5), got {self.jitter}")
+        if self.backoff_base <= timedelta(0) or self.backoff_cap < self.backoff_base:
+            raise ValueError("backoff needs 0 < base <= cap")
+
+
+def renew_at(svid: AgentSvid, policy: RenewalPolicy, draw: float) -> datetime:
+    """When to renew ``svid``: at half-life, earlier by ``draw`` x jitter x lifetime.
+
+    ``draw`` is in [0, 1]. The result is never before ``not_before`` and never later than
+    the half-life, so an SVID is always renewed while more than half of it is left.
+    """
+    if not 0 <= draw <= 1:
+        raise ValueError(f"draw must be in [0, 1], got {draw}")
+    lifetime = max(svid.not_after - svid.not_before, timedelta(0))
+    return svid.not_before + lifetime / 2 - lifetime * (policy.jitter * draw)
+
+
+def retry_delay(attempt: int, policy: RenewalPolicy, draw: float) -> timedelta:
+    """The wait before retry number ``attempt`` (1 for the first retry).
+
+    Exponential from ``backoff_base``, capped at ``backoff_cap``, then between half of
+    that and all of it depending on ``draw`` in [0, 1]. Always positive.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt counts from 1, got {attempt}")
+    if not 0 <= draw <= 1:
+        raise ValueError(f"draw must be in [0, 1], got {draw}")
+    exponent = min(attempt - 1, 32)  # 2**32 seconds is far past any cap
+    ceiling = min(policy.backoff_cap, policy.backoff_base * (2**exponent))
+    half: timedelta = ceiling / 2
+    return half + half * draw
+
+
+def svid_usable(svid: AgentSvid | None, now: datetime) -> bool:
+    """Whether ``svid`` may be handed to a workload at ``now`` (held and not expired)."""
+    return svid is not None and svid.not_before <= now < svid.not_after
+
+
+class Upstream(Protocol):
+    """The CA server as the agent sees it.
+
+    ``sign`` raises ``AuthenticationFailed``/``NotAuthorized`` when the server refuses
+    the token, ``Unavailable`` when it cannot be reached; ``watch_bundle`` yields the
+    bundle now and on every change, and raises ``Unavailable`` when the stream breaks.
+    """
+
+    async def sign(
+        self, token: str, csr_der: bytes, key_der: bytes
+    ) -> tuple[AgentSvid, tuple[bytes, ...]]:
+        """The SVID for ``csr_der`` (whose private key is ``key_der``) and the roots
+        (DER) the server sent with it."""
+        ...
+
+    def watch_bundle(self) -> AsyncIterator[TrustBundleView]: ...
