@@ -797,6 +797,7 @@ async def start_worker(
         on_outcome=each(
             [OutcomeLog(jwt_svids=True), *([] if metrics is None else [metrics.observe_outcome])]
         ),
+        deny_list=deny_list.current,
     )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
@@ -810,7 +811,7 @@ async def start_worker(
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
     leader = leader_lock(settings, engine)
-    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca)))
+    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca, jwt)))
     audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
     access = None if authz is None else policy_access(settings)
     main_guard = None

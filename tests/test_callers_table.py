@@ -11,7 +11,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from meshca.adapters.grpc import linkerd_servicer
+from meshca.adapters.grpc import jwt_servicer, linkerd_servicer
 from meshca.adapters.grpc.server import AUDIT_SERVICE_NAME, POLICY_SERVICE_NAMES, SERVICE_NAMES
 from meshca.config import Settings
 from meshca.core.callers import CALLERS, row_for
@@ -56,6 +56,7 @@ def _served_methods() -> set[str]:
         *POLICY_SERVICE_NAMES,
         AUDIT_SERVICE_NAME,
         linkerd_servicer.SERVICE_NAME,
+        jwt_servicer.SERVICE_NAME,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )

@@ -75,8 +75,20 @@ CALLERS: tuple[CallerRow, ...] = (
         allowed="any attested workload, for its own Linkerd name; only with --linkerd-certify",
     ),
     CallerRow(
+        api="JWT-SVID",
+        methods=("meshca.v1.JwtSvidService/SignJwtSvid",),
+        access=Access.WORKLOAD_TOKEN,
+        credential="service-account token (bearer)",
+        allowed="any attested workload, for its own SPIFFE ID and the audiences it asks",
+    ),
+    CallerRow(
         api="trust bundle",
-        methods=(f"{_CA}/GetTrustBundle", f"{_CA}/WatchTrustBundle", "GET / (--bundle-endpoint)"),
+        methods=(
+            f"{_CA}/GetTrustBundle",
+            f"{_CA}/WatchTrustBundle",
+            "GET / (--bundle-endpoint)",
+            "GET /.well-known/openid-configuration and /keys (--oidc-discovery)",
+        ),
         access=Access.PUBLIC,
         credential="none",
         allowed="anyone (public data)",

@@ -21,12 +21,14 @@ from typing import Any
 import jwt
 
 from meshca.core.audit import AuditRecord, Outcome
+from meshca.core.denylist import DenyList
 from meshca.core.errors import (
     AuthenticationFailed,
     InternalError,
     InvalidSpiffeId,
     MeshcaError,
     NotAuthorized,
+    Revoked,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.jwt_svid import algorithm_for, check_audiences, jwt_lifetime, jwt_svid_claims
@@ -93,7 +95,9 @@ class JwtSvidService:
         issuer: str | None = None,
         offload: Callable[[Callable[[], Any]], Awaitable[Any]] | None = None,
         on_outcome: OutcomeObserver | None = None,
+        deny_list: Callable[[], DenyList] | None = None,
     ) -> None:
+        """``deny_list``: the entries that refuse certificates refuse JWT-SVIDs too."""
         self._trust_domain = trust_domain
         self._attestor = attestor
         self._audit = audit_log
@@ -105,6 +109,15 @@ class JwtSvidService:
         # Where signing runs when it may block (a Vault Transit key); None signs inline.
         self._offload = offload
         self._on_outcome = on_outcome
+        self._deny_list = deny_list
+
+    async def record_refusal(self, api: str, peer: str | None, error: MeshcaError) -> None:
+        """Record a refusal decided before the request reached this service (a per-API
+        cap at the door): no identity is known, and the caller gets ``error``."""
+        request = JwtSvidRequest(
+            token=None, audiences=(), spiffe_id=None, requested_ttl=None, api=api, peer=peer
+        )
+        await self._record_refusal(request, self._clock.now(), None, None, error)
 
     async def sign(self, request: JwtSvidRequest) -> SignedJwtSvid:
         now = self._clock.now()
@@ -115,6 +128,7 @@ class JwtSvidService:
             identity = await attest_bearer(self._attestor, request.token, request.token_problem)
             spiffe_id = spiffe_id_for(identity, self._trust_domain)
             _check_asked_id(request.spiffe_id, spiffe_id)
+            self._refuse_if_denied(spiffe_id, now)
             audiences = check_audiences(request.audiences)
             signer = self._signer()
             issued_at, expires = jwt_lifetime(
@@ -183,6 +197,15 @@ class JwtSvidService:
             issued_at=issued_at,
             expires_at=expires,
         )
+
+    def _refuse_if_denied(self, spiffe_id: SpiffeId, now: datetime) -> None:
+        """Raise ``Revoked`` when a deny-list entry names the identity (by ID or prefix)."""
+        denied = None if self._deny_list is None else self._deny_list()
+        if denied is None or denied.empty:
+            return
+        entry = denied.is_denied(spiffe_id, None, None, now)
+        if entry is not None:
+            raise Revoked(f"issuance refused by deny-list entry {entry.id}")
 
     async def _record_refusal(
         self,

@@ -174,7 +174,13 @@ async def test_default_lifetime_is_five_minutes(server: RunningServer) -> None:
             id="1000-audiences",
         ),
         pytest.param(
-            {"audiences": ["a" * 50_000]}, None, grpc.StatusCode.INVALID_ARGUMENT, id="huge-aud"
+            {"audiences": ["a" * 10_000]}, None, grpc.StatusCode.INVALID_ARGUMENT, id="huge-aud"
+        ),
+        pytest.param(
+            {"audiences": ["a" * 50_000]},
+            None,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            id="over-the-api-cap",
         ),
         pytest.param(
             {"spiffe_id": "spiffe://example.org/ns/shop/sa/db"},

@@ -17,6 +17,7 @@ from meshca.adapters.storage.engine import make_engine
 from meshca.adapters.storage.journal import SqlAuthorityJournal
 from meshca.adapters.storage.tables import create_schema
 from meshca.core.audit import Outcome
+from meshca.core.denylist import DenyEntry, DenyKind, DenyList
 from meshca.core.errors import (
     AuthenticationFailed,
     AuthorityNotReady,
@@ -24,9 +25,12 @@ from meshca.core.errors import (
     InvalidRequest,
     InvalidSpiffeId,
     NotAuthorized,
+    RequestTooLarge,
+    Revoked,
 )
 from meshca.core.identity import KubernetesIdentity
 from meshca.core.rotation import AuthorityKind, AuthorityState, RotationPolicy, Step
+from meshca.core.spiffe import SpiffeId
 from meshca.service.authority import AuthorityService
 from meshca.service.bundle import BundleSnapshot
 from meshca.service.jwt_svid import JwtSvidRequest, JwtSvidService
@@ -296,3 +300,68 @@ async def test_a_journal_from_before_jwt_keys_gets_one_at_the_next_tick(tmp_path
     assert set(signature) < set(view.authorities.signature())
     assert view.bundle_sequence == sequence + 1
     assert upgraded.jwt_signer().kid == view.jwt_keys[0].kid
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "refused"),
+    [
+        pytest.param(DenyKind.SPIFFE_ID, WEB_ID, True, id="fail/denied-id"),
+        pytest.param(
+            DenyKind.SPIFFE_ID_PREFIX, "spiffe://example.org/ns/shop", True, id="fail/prefix"
+        ),
+        pytest.param(DenyKind.SPIFFE_ID, WEB_ID + "x", False, id="ok/other-id"),
+        pytest.param(
+            DenyKind.SPIFFE_ID_PREFIX, "spiffe://example.org/ns/sho", False, id="ok/not-a-segment"
+        ),
+    ],
+)
+async def test_the_deny_list_refuses_jwt_svids_too(
+    tmp_path: Path, kind: DenyKind, value: str, refused: bool
+) -> None:
+    clock = FakeClock(NOW)
+    authorities = _authorities(tmp_path, clock, POLICY)
+    authorities.bootstrap()
+    entry = DenyEntry(
+        id=7,
+        kind=kind,
+        value=value,
+        reason="stolen",
+        requested_by="alice",
+        created_at=NOW - timedelta(minutes=1),
+    )
+    audit = MemoryAuditLog()
+    service = JwtSvidService(
+        trust_domain=TRUST_DOMAIN,
+        attestor=FakeAttestor({"web-token": WEB}),
+        audit_log=audit,
+        signer=authorities.jwt_signer,
+        clock=clock,
+        max_ttl=POLICY.max_jwt_svid_ttl,
+        new_jti=lambda: f"{new_serial():x}",
+        deny_list=lambda: DenyList(1, (entry,)),
+    )
+    if not refused:
+        assert (await service.sign(_request())).spiffe_id == SpiffeId.parse(WEB_ID)
+        return
+    with pytest.raises(Revoked, match="deny-list entry 7"):
+        await service.sign(_request())
+    (record,) = audit.records
+    assert record.outcome == Outcome.REFUSED and record.reason == "revoked"
+    assert record.spiffe_id == WEB_ID
+
+
+async def test_a_refusal_at_the_door_is_recorded(tmp_path: Path) -> None:
+    clock = FakeClock(NOW)
+    authorities = _authorities(tmp_path, clock, POLICY)
+    authorities.bootstrap()
+    audit = MemoryAuditLog()
+    await _signer(authorities, clock, audit).record_refusal(
+        "meshca.v1.SignJwtSvid", "ipv4:10.0.0.9:5", RequestTooLarge("too big")
+    )
+    (record,) = audit.records
+    assert (record.outcome, record.api, record.reason, record.peer) == (
+        Outcome.REFUSED,
+        "meshca.v1.SignJwtSvid",
+        "request-too-large",
+        "ipv4:10.0.0.9:5",
+    )
