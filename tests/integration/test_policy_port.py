@@ -31,6 +31,8 @@ from meshca.adapters.grpc._gen.meshca.v1 import (
     audit_pb2_grpc,
     ca_pb2,
     ca_pb2_grpc,
+    jwt_pb2,
+    jwt_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
@@ -207,6 +209,16 @@ async def test_every_row_refuses_a_caller_without_its_credential_and_serves_one_
             token = _bearer(server.minter.mint("shop", "cart"))
             assert (await sign(ca_pb2.SignRequest(csr=csr_pem()), metadata=token)).certificate
 
+    async def jwt_svid() -> None:
+        async with server.channel() as channel:
+            stub = jwt_pb2_grpc.JwtSvidServiceStub(channel)
+            request = jwt_pb2.SignJwtSvidRequest(audiences=["https://db.example.org"])
+            assert await _code(stub.SignJwtSvid(request, timeout=10)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            token = _bearer(server.minter.mint("shop", "cart"))
+            assert (await stub.SignJwtSvid(request, metadata=token, timeout=10)).token
+
     async def trust_bundle() -> None:
         async with server.channel() as channel:
             bundle = await ca_pb2_grpc.CertificateServiceStub(channel).GetTrustBundle(
@@ -293,6 +305,7 @@ async def test_every_row_refuses_a_caller_without_its_credential_and_serves_one_
 
     checks: dict[str, Callable[[], Awaitable[None]]] = {
         "CA Sign / CreateCertificate": workload_token,
+        "JWT-SVID": jwt_svid,
         "trust bundle": trust_bundle,
         "Envoy ext_authz": ext_authz,
         "PolicyService": policy_service,
