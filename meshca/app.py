@@ -102,6 +102,7 @@ from meshca.config import ConfigError, Settings
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority, trust_domain_ids
 from meshca.core.csr import CsrRequest
+from meshca.core.denylist import DenyList
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
@@ -324,9 +325,14 @@ def prepare_database(settings: Settings, engine: Engine) -> None:
 
 
 def build_audit(
-    settings: Settings, engine: Engine, clock: Clock, is_leader: Callable[[], bool]
+    settings: Settings,
+    engine: Engine,
+    clock: Clock,
+    is_leader: Callable[[], bool],
+    deny_list: Callable[[], DenyList] | None = None,
 ) -> tuple[AuditServicer, LogMaintenance]:
-    """The audit API (read-only, auditors only) and the log's head signing and retention."""
+    """The audit API (read-only, auditors only; an SVID on ``deny_list`` is refused) and
+    the log's head signing and retention."""
     token = None
     if settings.audit_token_file is not None:
         try:
@@ -344,6 +350,7 @@ def build_audit(
         reader=SqlAuditReader(engine),
         log=issuance_log,
         clock=clock,
+        deny_list=deny_list,
     )
     maintenance = LogMaintenance(
         log=issuance_log,
@@ -812,14 +819,20 @@ async def start_worker(
 
     leader = leader_lock(settings, engine)
     gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca, jwt)))
-    audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
+    audit_servicer, maintenance = build_audit(
+        settings, engine, clock, leader.held, deny_list.current
+    )
     access = None if authz is None else policy_access(settings)
     main_guard = None
     if access is not None and settings.policy_insecure_main_port:
         # The main port asks for no client certificate: ext_authz there is open (the
         # flag says so); PolicyService still needs an admin's SVID (audit port) or token.
         main_guard = CallerGuard(
-            replace(access, callers=None), audit_log=audit, clock=clock, on_outcome=each(observers)
+            replace(access, callers=None),
+            audit_log=audit,
+            clock=clock,
+            on_outcome=each(observers),
+            deny_list=deny_list.current,
         )
     server, port, health = build_server(
         ca=ca,
@@ -856,7 +869,13 @@ async def start_worker(
     ):
         policy_server, policy_port = build_policy_server(
             authz=authz,
-            guard=CallerGuard(access, audit_log=audit, clock=clock, on_outcome=each(observers)),
+            guard=CallerGuard(
+                access,
+                audit_log=audit,
+                clock=clock,
+                on_outcome=each(observers),
+                deny_list=deny_list.current,
+            ),
             listen=settings.policy_listen,
             # Read at each handshake: the certificate as renewed, the roots as rotated.
             tls=lambda: serving.tls or tls,
