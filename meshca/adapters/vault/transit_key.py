@@ -240,7 +240,8 @@ class TransitKeyManager:
         self._client.call(destroy, what=f"deleting transit key {name}")
 
     def listed(self) -> Sequence[str]:
-        """Every key reference in the mount with this manager's prefix."""
+        """Every key reference in the mount named as this manager names its keys:
+        ``<prefix>-<label>-<12 hex>``, the label one word, or ``imported-`` and one word."""
 
         def names(_c: Any) -> list[str]:
             try:
@@ -250,7 +251,10 @@ class TransitKeyManager:
             return list((listed.get("data") or {}).get("keys") or [])
 
         found = self._client.call(names, what="listing transit keys")
-        return sorted(_PREFIX + n for n in found if (_PREFIX + n).startswith(self.prefix))
+        # Only names of the shape this manager makes: the prefix of trust domain
+        # example.org is also the start of example.org.staging's keys.
+        shape = re.compile(re.escape(self._prefix) + r"-(?:imported-)?[a-z0-9]+-[0-9a-f]{12}")
+        return sorted(_PREFIX + n for n in found if shape.fullmatch(n))
 
     @property
     def prefix(self) -> str:
