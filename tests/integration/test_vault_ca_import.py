@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from base64 import b64encode
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import UTC, datetime, timedelta
@@ -312,7 +313,7 @@ async def test_refused_imports_leave_no_key_in_transit_and_nothing_in_the_journa
 
 
 async def test_orphaned_transit_keys_are_listed_and_pruned_but_live_and_foreign_keys_stay(
-    openbao: OpenBao, tmp_path: Path
+    openbao: OpenBao, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     overrides = vault_overrides(openbao, tmp_path, transit=True)
     mount = overrides["vault_transit_mount"]
@@ -353,9 +354,13 @@ async def test_orphaned_transit_keys_are_listed_and_pruned_but_live_and_foreign_
         assert code == 0 and f"would delete {orphan_ref}" in out
         assert orphan in _transit_keys(openbao, mount)
 
-        code, out, err = await asyncio.to_thread(_ca, server, overrides, "prune-keys", "--yes")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="meshca"):
+            code, out, err = await asyncio.to_thread(_ca, server, overrides, "prune-keys", "--yes")
         assert code == 0, err
         assert f"deleted {orphan_ref}" in out and "pruned 1" in out
+        [event] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "meshca.events"]
+        assert event == {"event": "ca-keys-pruned", "mount": mount, "keys": [orphan_ref]}
         remaining = _transit_keys(openbao, mount)
         assert orphan not in remaining
         assert set(live) <= set(remaining)
