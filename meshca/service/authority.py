@@ -629,6 +629,7 @@ class AuthorityService:
                         f"intermediate {stale.id} is already waiting under root {known_root.id}"
                     )
             key_ref = importer.store("imported-root" if is_root else "imported-intermediate", key)
+            self._checkpoint("import:key-stored")
             if is_root:
                 inserts.append(_imported(leaf, AuthorityKind.ROOT, None, key_ref, at))
             else:

@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 from base64 import b64encode
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import UTC, datetime, timedelta
@@ -20,14 +21,26 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from meshca import app
+from meshca.adapters.clock import SystemClock
+from meshca.adapters.grpc.client import channel_to, create_certificate
+from meshca.adapters.storage.engine import make_engine
 from meshca.adapters.vault.client import VaultAuth, VaultClient
 from meshca.adapters.vault.transit_key import TransitKeyManager, TransitSigningKey
 from meshca.cli import main as meshca_main
+from meshca.cli.ca_cmd import load_bundle
 from meshca.core.authority import build_intermediate, build_root
 from meshca.core.spiffe import TrustDomain
-from tests.core.builders import signer_key
+from tests.core.builders import csr_pem, signer_key
 from tests.fixtures_vault import OpenBao, vault_overrides
-from tests.integration.server_harness import TRUST_DOMAIN, RunningServer, running_server
+from tests.integration.serve_process import launch
+from tests.integration.server_harness import (
+    TRUST_DOMAIN,
+    RunningServer,
+    TokenMinter,
+    running_server,
+    serve_command,
+)
 from tests.integration.test_vault import FAST, _issue, _private_keys_on_disk, _verify
 
 pytestmark = pytest.mark.integration
@@ -36,8 +49,11 @@ pytestmark = pytest.mark.integration
 PREFIX = f"meshca-{TRUST_DOMAIN.replace('.', '-')}-"
 
 
-def _ca(server: RunningServer, overrides: dict[str, Any], *args: str) -> tuple[int, str, str]:
-    """``meshca ca ...`` against the running server's journal and its Vault mounts."""
+def _ca(
+    server: RunningServer | Path, overrides: dict[str, Any], *args: str
+) -> tuple[int, str, str]:
+    """``meshca ca ...`` against a server's journal (or a data dir's) and its Vault mounts."""
+    data_dir = server.settings.data_dir if isinstance(server, RunningServer) else server
     vault = [
         "--vault-addr",
         overrides["vault_addr"],
@@ -59,9 +75,9 @@ def _ca(server: RunningServer, overrides: dict[str, Any], *args: str) -> tuple[i
                 "ca",
                 *args,
                 "--data-dir",
-                str(server.settings.data_dir),
+                str(data_dir),
                 "--trust-domain",
-                server.settings.trust_domain,
+                TRUST_DOMAIN,
                 "--max-svid-ttl",
                 "4s",
                 "--propagation-delay",
@@ -478,3 +494,105 @@ async def test_upstream_mode_imports_an_intermediate_under_vaults_root_and_refus
         assert signer.name.startswith(PREFIX + "imported-intermediate-")
     assert _private_keys_on_disk(tmp_path / "data" / "ca") == []
     assert not _holds_secret(tmp_path / "data", inter_key)
+
+
+def test_import_into_transit_then_a_serve_process_issues_under_it(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    """An existing deployment, stopped; the org's CA imported; ``meshca serve`` started."""
+    overrides = vault_overrides(openbao, tmp_path, transit=True)
+    overrides["vault_upstream"] = False
+    data_dir = tmp_path / "data"
+
+    async def first_start() -> None:
+        async for _server in running_server(tmp_path, **FAST, **overrides):
+            pass
+
+    asyncio.run(first_start())
+    org_root, inter, inter_key = _org_ca()
+    code, out, err = _ca(
+        data_dir,
+        overrides,
+        "import",
+        "--cert",
+        str(_pem(tmp_path / "chain.pem", inter, org_root)),
+        "--key",
+        str(_pem(tmp_path / "inter.key", inter_key)),
+    )
+    assert code == 0 and "imported intermediate" in out, err
+    (tmp_path / "serve").mkdir()
+    minter, jwks = TokenMinter.create(tmp_path / "serve")
+    flags = [
+        "--journal-poll", "0.1s", "--max-svid-ttl", "4s", "--svid-ttl", "4s",
+        "--propagation-delay", "2s", "--vault-addr", overrides["vault_addr"], "--vault-transit",
+        "--vault-transit-mount", overrides["vault_transit_mount"],
+        "--vault-token-file", str(overrides["vault_token_file"]),
+    ]  # fmt: skip
+    served = launch("vaultca", data_dir, serve_command(data_dir, jwks, workers=1, extra=flags))
+    try:
+        roots_pem = b"".join(r.public_bytes(Encoding.PEM) for r in load_bundle(data_dir))
+        assert org_root.public_bytes(Encoding.PEM) in roots_pem
+        channel = channel_to(served.target, roots_pem)
+        for _ in range(100):
+            pems = create_certificate(channel, minter.mint(), csr_pem().decode())
+            chain = [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+            if chain[-1] == org_root:
+                break
+            time.sleep(0.1)
+        channel.close()
+        assert chain[1] == inter and chain[-1] == org_root, served.log()
+        _verify(chain, (org_root,))
+    finally:
+        assert served.stop() == 0, served.log()
+    assert _private_keys_on_disk(data_dir / "ca") == []
+    assert not _holds_secret(data_dir, inter_key)
+
+
+async def test_a_crash_after_the_transit_import_leaves_an_orphan_that_prune_removes(
+    openbao: OpenBao, tmp_path: Path
+) -> None:
+    overrides = vault_overrides(openbao, tmp_path, transit=True)
+    overrides["vault_upstream"] = False
+    mount = overrides["vault_transit_mount"]
+    org_root, inter, inter_key = _org_ca()
+
+    class Crash(Exception):
+        pass
+
+    def crash(name: str) -> None:
+        if name == "import:key-stored":
+            raise Crash(name)
+
+    async for server in running_server(tmp_path, **FAST, **overrides):
+        journal_before = await asyncio.to_thread(_journal_ids, server, overrides)
+        keys_before = _transit_keys(openbao, mount)
+        engine = make_engine(server.settings.effective_database_url)
+        try:
+            authorities = app.build_authorities(
+                server.settings, engine, SystemClock(), checkpoint=crash
+            )
+            with pytest.raises(Crash):
+                await asyncio.to_thread(
+                    authorities.import_authority, [inter, org_root], inter_key, authorities.keys
+                )
+        finally:
+            engine.dispose()
+        [left] = sorted(set(_transit_keys(openbao, mount)) - set(keys_before))
+        assert await asyncio.to_thread(_journal_ids, server, overrides) == journal_before
+        code, out, err = await asyncio.to_thread(_ca, server, overrides, "status")
+        assert code == 0 and f"transit:{left}" in out and "orphaned keys: 1" in out, err
+        code, out, err = await asyncio.to_thread(_ca, server, overrides, "prune-keys", "--yes")
+        assert code == 0 and f"deleted transit:{left}" in out, err
+        assert _transit_keys(openbao, mount) == keys_before
+        # The import, run again without the crash, goes through.
+        code, out, err = await asyncio.to_thread(
+            _ca,
+            server,
+            overrides,
+            "import",
+            "--cert",
+            str(_pem(tmp_path / "chain.pem", inter, org_root)),
+            "--key",
+            str(_pem(tmp_path / "inter.key", inter_key)),
+        )
+        assert code == 0 and "imported intermediate" in out, err
