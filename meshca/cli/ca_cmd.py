@@ -431,6 +431,8 @@ def _prune_keys(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if not args.database_url and not (settings.data_dir / "meshca.db").exists():
+        return _no_ca(settings.data_dir)
     dry_run = args.dry_run or not args.yes
     with _authorities(settings) as service:
         try:

@@ -34,7 +34,7 @@ from meshca.core.authority import (
     trust_domain_ids,
 )
 from meshca.core.errors import AuthorityNotReady, MeshcaError, UnsafeChange
-from meshca.core.key_orphans import orphaned_key_refs
+from meshca.core.key_orphans import live_key_refs, orphaned_key_refs
 from meshca.core.ports import (
     AuthorityJournal,
     Clock,
@@ -551,6 +551,13 @@ class AuthorityService:
         key about to be named is never taken for an orphan.
         """
         with self._lock():
+            if not live_key_refs(self._journal.load()):
+                # A journal naming no key at all is the wrong database, or a CA not yet
+                # started: every key in the mount would look orphaned.
+                raise UnsafeChange(
+                    "the journal names no CA key: is this the database of the deployment "
+                    "that owns these keys? Nothing was deleted"
+                )
             orphans = self.orphaned_keys()
             if not dry_run:
                 for key_ref in orphans:

@@ -386,6 +386,22 @@ async def test_orphaned_transit_keys_are_listed_and_pruned_but_live_and_foreign_
         assert chain[1] == server.worker.authorities.current().certificate
         code, out, _err = await asyncio.to_thread(_ca, server, overrides, "prune-keys", "--yes")
         assert code == 0 and "no orphaned keys" in out
+        # Pointed at another data directory (no CA there, or an empty journal), every key
+        # would look orphaned: refused, and nothing is deleted.
+        code, _out, err = await asyncio.to_thread(
+            _ca, tmp_path / "elsewhere", overrides, "prune-keys", "--yes"
+        )
+        assert code == 1 and "no CA in" in err
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        engine = make_engine(f"sqlite:///{empty / 'meshca.db'}")
+        try:
+            app.prepare_database(server.settings, engine)
+        finally:
+            engine.dispose()
+        code, _out, err = await asyncio.to_thread(_ca, empty, overrides, "prune-keys", "--yes")
+        assert code == 1 and "names no CA key" in err and "Nothing was deleted" in err
+        assert set(live) <= set(_transit_keys(openbao, mount))
 
         # A removed authority's key that its removal did not get to delete is an orphan too;
         # an intermediate rotation leaves the old one retired (live) until it expires.
