@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -354,11 +354,7 @@ def _import(args: argparse.Namespace) -> int:
     if not isinstance(key, SignerKey):
         print("meshca: refused: the key must be ECDSA, RSA or Ed25519", file=sys.stderr)
         return 1
-    if (
-        settings.vault_upstream
-        and certificates
-        and certificates[0].subject == certificates[0].issuer
-    ):
+    if settings.vault_upstream and certificates and _self_signed(certificates[0]):
         print(
             "meshca: refused: with --vault-upstream the roots come from Vault's PKI mount "
             f"{settings.vault_pki_mount!r}: import the root there ('bao write "
@@ -388,6 +384,14 @@ def _import(args: argparse.Namespace) -> int:
         except MeshcaError as error:
             return _failed(error)
     return 0
+
+
+def _self_signed(certificate: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _read_key(path: Path, passphrase_file: str | None) -> Any:
