@@ -35,11 +35,13 @@ from meshca.core.authority import (
 )
 from meshca.core.errors import AuthorityNotReady, MeshcaError, UnsafeChange
 from meshca.core.jwt_svid import JwtKey, build_jwt_key_certificate
+from meshca.core.key_orphans import live_key_refs, orphaned_key_refs
 from meshca.core.ports import (
     AuthorityJournal,
     Clock,
     KeyImporter,
     KeyInventory,
+    KeyListing,
     KeyManager,
     UpstreamAuthority,
 )
@@ -618,6 +620,36 @@ class AuthorityService:
         self.refresh()
         return reports
 
+    def orphaned_keys(self) -> tuple[str, ...]:
+        """Stored keys with this deployment's prefix that no live entry names (none when
+        the key manager cannot list its keys)."""
+        if not isinstance(self._keys, KeyListing):
+            return ()
+        return orphaned_key_refs(
+            self._keys.listed(), self._journal.load(), prefix=self._keys.prefix
+        )
+
+    def prune_keys(self, *, dry_run: bool = False) -> tuple[str, ...]:
+        """Delete the orphaned keys, under the step lock; returns those (to be) deleted.
+
+        Under the lock, no step is between making a key and recording its entry, so a
+        key about to be named is never taken for an orphan.
+        """
+        with self._lock():
+            if not live_key_refs(self._journal.load()):
+                # A journal naming no key at all is the wrong database, or a CA not yet
+                # started: every key in the mount would look orphaned.
+                raise UnsafeChange(
+                    "the journal names no CA key: is this the database of the deployment "
+                    "that owns these keys? Nothing was deleted"
+                )
+            orphans = self.orphaned_keys()
+            if not dry_run:
+                for key_ref in orphans:
+                    self._keys.delete(key_ref)
+                    log.warning("deleted orphaned CA key %s (meshca ca prune-keys)", key_ref)
+        return orphans
+
     def import_authority(
         self, certificates: Sequence[x509.Certificate], key: SignerKey, importer: KeyImporter
     ) -> list[AuthorityEntry]:
@@ -629,14 +661,17 @@ class AuthorityService:
         """
         if not certificates:
             raise UnsafeChange("no certificate given")
-        if not self.policy.self_managed_roots:
-            raise UnsafeChange(
-                "roots and intermediates come from the upstream CA: import there instead"
-            )
         at = self._clock.now()
         leaf = certificates[0]
         _check_importable(leaf, key, at, self.policy, self._trust_domain)
         is_root = leaf.subject == leaf.issuer and _self_signed(leaf)
+        upstream = not self.policy.self_managed_roots
+        if upstream and is_root:
+            raise UnsafeChange(
+                "roots come from the upstream CA: import the root there (Vault: its PKI "
+                "mount's issuers/import/bundle, then make it the default issuer); meshca "
+                "publishes it and signs under it after the propagation delay"
+            )
         chain = tuple(certificates[1:])
         root_cert = leaf if is_root else (chain[-1] if chain else None)
         with self._lock():
@@ -654,6 +689,14 @@ class AuthorityService:
                     ),
                     None,
                 )
+                if upstream and (
+                    known_root is None or known_root.source != AuthoritySource.UPSTREAM
+                ):
+                    raise UnsafeChange(
+                        "the intermediate does not chain to a root of the upstream CA that "
+                        "meshca publishes: import its root into the upstream CA first, or let "
+                        "the upstream sign meshca's intermediates (it does by itself)"
+                    )
                 if known_root is None and (root_cert is None or not _self_signed(root_cert)):
                     raise UnsafeChange(
                         "the intermediate's chain must end in its root: give the root "
@@ -668,7 +711,17 @@ class AuthorityService:
             if authorities.get(entry_id(leaf)) is not None:
                 raise UnsafeChange(f"authority {entry_id(leaf)} is already in the journal")
             inserts: list[AuthorityEntry] = []
+            if known_root is not None:
+                # Refused before the key is stored: a refusal leaves no key behind.
+                if known_root.state == AuthorityState.RETIRED:
+                    raise UnsafeChange(f"root {known_root.id} is retired; it signs nothing new")
+                stale = authorities.prepared_intermediate(known_root.id)
+                if stale is not None:
+                    raise UnsafeChange(
+                        f"intermediate {stale.id} is already waiting under root {known_root.id}"
+                    )
             key_ref = importer.store("imported-root" if is_root else "imported-intermediate", key)
+            self._checkpoint("import:key-stored")
             if is_root:
                 inserts.append(_imported(leaf, AuthorityKind.ROOT, None, key_ref, at))
             else:
@@ -676,8 +729,6 @@ class AuthorityService:
                     assert root_cert is not None
                     known_root = _imported(root_cert, AuthorityKind.ROOT, None, None, at)
                     inserts.append(known_root)
-                elif known_root.state == AuthorityState.RETIRED:
-                    raise UnsafeChange(f"root {known_root.id} is retired; it signs nothing new")
                 inserts.append(
                     AuthorityEntry(
                         id=entry_id(leaf),
@@ -691,11 +742,6 @@ class AuthorityService:
                         chain=chain[:-1],
                     )
                 )
-                stale = authorities.prepared_intermediate(known_root.id)
-                if stale is not None:
-                    raise UnsafeChange(
-                        f"intermediate {stale.id} is already waiting under root {known_root.id}"
-                    )
             self._journal.record(inserts, [], at)
         self.refresh()
         return inserts
