@@ -77,6 +77,7 @@ from meshca.adapters.metrics import (
     meshca_metrics,
     start_metrics_server,
 )
+from meshca.adapters.oidc_discovery import oidc_endpoint
 from meshca.adapters.open_files import connection_cap, raise_open_files_limit
 from meshca.adapters.policy_files import DirectoryPolicySource
 from meshca.adapters.shared_rate import SharedRateLimiter, create_rate_table
@@ -102,6 +103,7 @@ from meshca.config import ConfigError, Settings
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.authority import Authority, trust_domain_ids
 from meshca.core.csr import CsrRequest
+from meshca.core.denylist import DenyList
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.issuance import IssuancePolicy, issue_leaf, leaf_lifetime
 from meshca.core.ports import Attestor, AuditLog, Clock, KeyManager, OutcomeObserver
@@ -119,6 +121,7 @@ from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService, LinkerdDoor, serial_hex
 from meshca.service.crl import CrlPublisher
 from meshca.service.deny_list import DenyListFollower
+from meshca.service.jwt_svid import JwtSvidService
 from meshca.service.readiness import ReadinessChecker
 from meshca.service.rotator import Rotator
 
@@ -324,9 +327,14 @@ def prepare_database(settings: Settings, engine: Engine) -> None:
 
 
 def build_audit(
-    settings: Settings, engine: Engine, clock: Clock, is_leader: Callable[[], bool]
+    settings: Settings,
+    engine: Engine,
+    clock: Clock,
+    is_leader: Callable[[], bool],
+    deny_list: Callable[[], DenyList] | None = None,
 ) -> tuple[AuditServicer, LogMaintenance]:
-    """The audit API (read-only, auditors only) and the log's head signing and retention."""
+    """The audit API (read-only, auditors only; an SVID on ``deny_list`` is refused) and
+    the log's head signing and retention."""
     token = None
     if settings.audit_token_file is not None:
         try:
@@ -344,6 +352,7 @@ def build_audit(
         reader=SqlAuditReader(engine),
         log=issuance_log,
         clock=clock,
+        deny_list=deny_list,
     )
     maintenance = LogMaintenance(
         log=issuance_log,
@@ -455,6 +464,8 @@ class Worker:
     serving: ServingCertificate | None = None
     bundle_endpoint: BundleEndpoint | None = None
     bundle_port: int | None = None
+    oidc_endpoint: BundleEndpoint | None = None
+    oidc_port: int | None = None
     authz: AuthorizationService | None = None
     decisions: SqlDecisionLog | None = None
     audit_port: int | None = None
@@ -483,6 +494,8 @@ class Worker:
         log.info("no new calls taken; %d call(s) in flight", self.gate.in_flight)
         if self.bundle_endpoint is not None:
             await self.bundle_endpoint.stop()
+        if self.oidc_endpoint is not None:
+            await self.oidc_endpoint.stop()
         if not await self.gate.idle(budget.calls):
             log.warning(
                 "%d call(s) still running after %.3gs: aborting them",
@@ -753,7 +766,7 @@ async def start_worker(
         return loop.run_in_executor(executor, fn)
 
     view = authorities.view
-    bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence)
+    bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence, view.jwt_keys)
     deny_list = DenyListFollower(SqlDenyList(engine))
     await asyncio.to_thread(deny_list.refresh)
     crls = await asyncio.to_thread(
@@ -787,6 +800,21 @@ async def start_worker(
         rate_limiter=issuance_limiter(settings, rate_table),
         deny_list=deny_list.current,
     )
+    jwt = JwtSvidService(
+        trust_domain=trust_domain,
+        attestor=attestor,
+        audit_log=audit,
+        signer=authorities.jwt_signer,
+        clock=clock,
+        max_ttl=settings.max_jwt_svid_ttl,
+        new_jti=lambda: serial_hex(new_serial()),
+        issuer=settings.jwt_issuer,
+        offload=offload if settings.vault_transit else None,
+        on_outcome=each(
+            [OutcomeLog(jwt_svids=True), *([] if metrics is None else [metrics.observe_outcome])]
+        ),
+        deny_list=deny_list.current,
+    )
     serving = (
         None if settings.plaintext else ServingCertificate(settings, authorities, audit, clock)
     )
@@ -799,15 +827,21 @@ async def start_worker(
         return (counters.failed, counters.dropped) if counters is not None else (0, 0)
 
     leader = leader_lock(settings, engine)
-    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca)))
-    audit_servicer, maintenance = build_audit(settings, engine, clock, leader.held)
+    gate = CallGate(limits=CallLimits(api_caps, on_refusal=record_ca_refusals(ca, jwt)))
+    audit_servicer, maintenance = build_audit(
+        settings, engine, clock, leader.held, deny_list.current
+    )
     access = None if authz is None else policy_access(settings)
     main_guard = None
     if access is not None and settings.policy_insecure_main_port:
         # The main port asks for no client certificate: ext_authz there is open (the
         # flag says so); PolicyService still needs an admin's SVID (audit port) or token.
         main_guard = CallerGuard(
-            replace(access, callers=None), audit_log=audit, clock=clock, on_outcome=each(observers)
+            replace(access, callers=None),
+            audit_log=audit,
+            clock=clock,
+            on_outcome=each(observers),
+            deny_list=deny_list.current,
         )
     server, port, health = build_server(
         ca=ca,
@@ -823,6 +857,7 @@ async def start_worker(
         policy_guard=main_guard,
         reflection_on=not settings.no_reflection,
         linkerd=settings.linkerd_certify,
+        jwt=jwt,
     )
     audit_port = None
     if settings.audit_listen and serving is not None and tls is not None:
@@ -843,7 +878,13 @@ async def start_worker(
     ):
         policy_server, policy_port = build_policy_server(
             authz=authz,
-            guard=CallerGuard(access, audit_log=audit, clock=clock, on_outcome=each(observers)),
+            guard=CallerGuard(
+                access,
+                audit_log=audit,
+                clock=clock,
+                on_outcome=each(observers),
+                deny_list=deny_list.current,
+            ),
             listen=settings.policy_listen,
             # Read at each handshake: the certificate as renewed, the roots as rotated.
             tls=lambda: serving.tls or tls,
@@ -919,6 +960,11 @@ async def start_worker(
             )
         bundle_host, _, bundle_port_text = settings.bundle_endpoint.rpartition(":")
         bundle_port = await endpoint.start(bundle_host.strip("[]"), int(bundle_port_text))
+    oidc, oidc_port = None, None
+    if settings.oidc_discovery is not None and settings.jwt_issuer is not None:
+        oidc = oidc_endpoint(bundle.current, settings.jwt_issuer)
+        oidc_host, _, oidc_port_text = settings.oidc_discovery.rpartition(":")
+        oidc_port = await oidc.start(oidc_host.strip("[]"), int(oidc_port_text))
     metrics_server = None
     if settings.metrics_listen is not None and record_writer is None:
         # A worker of ``serve`` leaves this to the supervisor, which sums every worker.
@@ -955,6 +1001,8 @@ async def start_worker(
         serving=serving,
         bundle_endpoint=endpoint,
         bundle_port=bundle_port,
+        oidc_endpoint=oidc,
+        oidc_port=oidc_port,
         authz=authz,
         decisions=decisions,
         audit_port=audit_port,

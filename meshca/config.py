@@ -165,6 +165,9 @@ class Settings:
     # "cluster.local" by default upstream.
     linkerd_identity_domain: str = "linkerd.cluster.local"
     issuance_rate: str | None = None
+    max_jwt_svid_ttl: timedelta = timedelta(hours=1)
+    jwt_issuer: str | None = None
+    oidc_discovery: str | None = None
 
     def __post_init__(self) -> None:
         if self.k8s_mode not in ("tokenreview", "jwks"):
@@ -213,6 +216,20 @@ class Settings:
             raise ConfigError("audit-listen is mTLS: it cannot be used with --plaintext")
         self._check_linkerd()
         self.issuance_rate_limit()
+        self._check_jwt()
+
+    def _check_jwt(self) -> None:
+        if self.max_jwt_svid_ttl <= timedelta(0):
+            raise ConfigError("max-jwt-svid-ttl must be a positive duration")
+        if self.jwt_issuer is not None and not self.jwt_issuer.startswith(("https://", "http://")):
+            raise ConfigError(f"jwt-issuer must be an https:// URL, not {self.jwt_issuer!r}")
+        if self.oidc_discovery is not None:
+            if ":" not in self.oidc_discovery:
+                raise ConfigError("oidc-discovery must be HOST:PORT")
+            if not self.jwt_issuer:
+                raise ConfigError(
+                    "oidc-discovery needs --jwt-issuer: the public URL verifiers reach it at"
+                )
 
     def _check_linkerd(self) -> None:
         try:
@@ -292,6 +309,12 @@ class Settings:
             root_rotation=self.root_rotation or self.root_ttl / 2,
             # With Vault's PKI upstream, roots are Vault's: meshca follows, never makes one.
             self_managed_roots=not self.vault_upstream,
+            jwt_keys=True,
+            # Long enough for a successor to wait out the propagation delay at half-life.
+            jwt_key_ttl=max(
+                self.intermediate_ttl, 5 * (self.propagation_delay or self.max_svid_ttl)
+            ),
+            max_jwt_svid_ttl=self.max_jwt_svid_ttl,
         )
 
     @property

@@ -7,11 +7,14 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+from envoy.service.secret.v3 import sds_pb2
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
+from spiffe._proto import workload_pb2
 
-from meshca.adapters.grpc import linkerd_servicer
+from meshca.adapters.agent import workload_api
+from meshca.adapters.grpc import jwt_servicer, linkerd_servicer
 from meshca.adapters.grpc.server import AUDIT_SERVICE_NAME, POLICY_SERVICE_NAMES, SERVICE_NAMES
 from meshca.config import Settings
 from meshca.core.callers import CALLERS, row_for
@@ -56,10 +59,15 @@ def _served_methods() -> set[str]:
         *POLICY_SERVICE_NAMES,
         AUDIT_SERVICE_NAME,
         linkerd_servicer.SERVICE_NAME,
+        jwt_servicer.SERVICE_NAME,
+        # meshca agent's socket.
+        workload_pb2.DESCRIPTOR.services_by_name["SpiffeWorkloadAPI"].full_name,
+        sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
-    methods = set()
+    # The agent registers these by name (py-spiffe's stubs predate them).
+    methods = {f"{workload_api.SERVICE_NAME}/{m}" for m in workload_api.WIT_METHODS}
     for name in names:
         service = pool.FindServiceByName(name)
         methods |= {f"{service.full_name}/{m.name}" for m in service.methods}

@@ -203,3 +203,61 @@ def test_bad_linkerd_settings(values: dict[str, str], message: str) -> None:
 def test_a_shared_audience_is_fine_while_linkerd_is_off() -> None:
     settings = load_settings({"k8s_audience": "identity.l5d.io"}, environ={})
     assert settings.k8s_audience == settings.linkerd_audience
+
+
+def test_jwt_svid_settings_from_flag_env_or_file(tmp_path: Path) -> None:
+    defaults = Settings()
+    assert defaults.max_jwt_svid_ttl == timedelta(hours=1)
+    assert defaults.jwt_issuer is None and defaults.oidc_discovery is None
+    assert defaults.rotation_policy().jwt_keys
+    assert defaults.rotation_policy().max_jwt_svid_ttl == timedelta(hours=1)
+    config = tmp_path / "meshca.yaml"
+    config.write_text("max-jwt-svid-ttl: 10m\njwt-issuer: https://oidc.example.org\n")
+    from_file = load_settings({"config": str(config)}, environ={})
+    assert from_file.max_jwt_svid_ttl == timedelta(minutes=10)
+    assert from_file.jwt_issuer == "https://oidc.example.org"
+    env = {"MESHCA_JWT_ISSUER": "https://a.example.org", "MESHCA_OIDC_DISCOVERY": "0.0.0.0:8443"}
+    from_env = load_settings({}, environ=env)
+    assert from_env.oidc_discovery == "0.0.0.0:8443"
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--max-jwt-svid-ttl",
+            "2m",
+            "--jwt-issuer",
+            "https://b.example.org",
+            "--oidc-discovery",
+            "127.0.0.1:9000",
+        ]
+    )
+    settings = settings_from(args)
+    assert settings.max_jwt_svid_ttl == timedelta(minutes=2)
+    assert settings.rotation_policy().max_jwt_svid_ttl == timedelta(minutes=2)
+    assert (settings.jwt_issuer, settings.oidc_discovery) == (
+        "https://b.example.org",
+        "127.0.0.1:9000",
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"oidc_discovery": "127.0.0.1:9000"}, "oidc-discovery needs --jwt-issuer"),
+        (
+            {"oidc_discovery": "9000", "jwt_issuer": "https://x.example.org"},
+            "oidc-discovery must be HOST:PORT",
+        ),
+        ({"jwt_issuer": "x.example.org"}, "jwt-issuer must be an https:// URL"),
+        ({"max_jwt_svid_ttl": "0s"}, "max-jwt-svid-ttl"),
+    ],
+)
+def test_bad_jwt_svid_settings(values: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(values, environ={})
+
+
+def test_jwt_keys_outlive_four_propagation_delays() -> None:
+    policy = Settings(intermediate_ttl=timedelta(hours=1), max_svid_ttl=timedelta(hours=2))
+    rotation = policy.rotation_policy()
+    assert rotation.jwt_key_ttl == 5 * rotation.propagation_delay
+    assert rotation.problems() == []

@@ -1,7 +1,8 @@
 """The SPIFFE bundle endpoint: the trust bundle as a SPIFFE JWKS over HTTPS (or HTTP).
 
 The document follows the SPIFFE Trust Domain and Bundle specification: one JWK per
-root with ``use: x509-svid`` and the certificate in ``x5c``, plus ``spiffe_sequence``
+root with ``use: x509-svid`` and the certificate in ``x5c``, one per JWT-SVID key with
+``use: jwt-svid`` and its ``kid``, plus ``spiffe_sequence``
 (the bundle's version, growing on every change) and ``spiffe_refresh_hint`` (seconds).
 The server answers ``GET /`` with it, and ``GET /crl/<fingerprint>.der`` with the CRL of
 the intermediate whose DER has that SHA-256 (64 lowercase hex digits; see
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshca.core.crl import is_fingerprint
+from meshca.core.jwt_svid import JwtKey
 from meshca.service.bundle import BundleSnapshot
 
 __all__ = ["BundleEndpoint", "spiffe_bundle_document"]
@@ -77,11 +79,15 @@ def _jwk(cert: x509.Certificate) -> dict[str, Any]:
 
 
 def spiffe_bundle_document(
-    roots: Sequence[x509.Certificate], *, sequence: int, refresh_hint: float
+    roots: Sequence[x509.Certificate],
+    *,
+    sequence: int,
+    refresh_hint: float,
+    jwt_keys: Sequence[JwtKey] = (),
 ) -> dict[str, Any]:
-    """The SPIFFE bundle (JWKS) for ``roots``."""
+    """The SPIFFE bundle (JWKS) for ``roots`` and ``jwt_keys``."""
     return {
-        "keys": [_jwk(root) for root in roots],
+        "keys": [*(_jwk(root) for root in roots), *(key.jwk() for key in jwt_keys)],
         "spiffe_sequence": sequence,
         "spiffe_refresh_hint": max(1, int(refresh_hint)),
     }
@@ -100,9 +106,13 @@ class BundleEndpoint:
         *,
         refresh_hint: float,
         tls: tuple[bytes, bytes] | None,
+        paths: dict[str, Callable[[], bytes]] | None = None,
         crl: Callable[[str], bytes | None] | None = None,
     ) -> None:
+        """``paths`` replaces the one document at ``/`` with a body for each path;
+        ``crl`` (fingerprint -> DER or None) serves ``/crl/<fingerprint>.der``."""
         self._current = current
+        self._paths = paths if paths is not None else {"/": self.body}
         self._crl = crl
         self._refresh_hint = refresh_hint
         self._context: ssl.SSLContext | None = None
@@ -139,7 +149,10 @@ class BundleEndpoint:
     def body(self) -> bytes:
         snapshot = self._current()
         document = spiffe_bundle_document(
-            snapshot.roots, sequence=snapshot.sequence, refresh_hint=self._refresh_hint
+            snapshot.roots,
+            sequence=snapshot.sequence,
+            refresh_hint=self._refresh_hint,
+            jwt_keys=snapshot.jwt_keys,
         )
         return json.dumps(document).encode()
 
@@ -164,17 +177,19 @@ class BundleEndpoint:
                 raise ValueError("request too large")
             method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ", 2)
             path = target.split("?", 1)[0]
+            page = self._paths.get(path)
             content_type = "application/json"
             if method not in ("GET", "HEAD"):
                 status, body = "405 Method Not Allowed", b'{"error": "use GET"}'
-            elif path.startswith(_CRL_PREFIX):
+            elif self._crl is not None and path.startswith(_CRL_PREFIX):
                 status, body = self._crl_answer(path[len(_CRL_PREFIX) :])
                 if status.startswith("200"):
                     content_type = "application/pkix-crl"
-            elif path != "/":
-                status, body = "404 Not Found", b'{"error": "the bundle is at /"}'
+            elif page is None:
+                where = " or ".join(sorted(self._paths))
+                status, body = "404 Not Found", json.dumps({"error": f"see {where}"}).encode()
             else:
-                status, body = "200 OK", self.body()
+                status, body = "200 OK", page()
             headers = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"

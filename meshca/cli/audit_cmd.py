@@ -386,7 +386,7 @@ def _filter_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", help="the workload's namespace")
     parser.add_argument("--service-account", help="the workload's service account")
     parser.add_argument("--pod", help="the pod's name or UID")
-    parser.add_argument("--serial", help="certificate serial (lowercase hex)")
+    parser.add_argument("--serial", help="certificate serial or JWT-SVID jti (lowercase hex)")
     parser.add_argument("--fingerprint", help="certificate SHA-256 fingerprint (hex)")
     parser.add_argument("--since", metavar="RFC3339", help="at or after this time")
     parser.add_argument("--until", metavar="RFC3339", help="before this time")
@@ -413,7 +413,7 @@ def register(commands: Any) -> None:
     lister.add_argument("--format", choices=("table", "json"), default="table")
     lister.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
     lister.add_argument("--spiffe-id", help="only records for this exact SPIFFE ID")
-    lister.add_argument("--serial", help="only the record of this serial (hex)")
+    lister.add_argument("--serial", help="only the record of this serial or jti (hex)")
     lister.set_defaults(run=_list)
 
     query = sub.add_parser(
@@ -429,7 +429,7 @@ def register(commands: Any) -> None:
     )
     query.set_defaults(run=_with_backend(_query_cmd))
 
-    show = sub.add_parser("show", help="one record in full, by certificate serial")
+    show = sub.add_parser("show", help="one record in full, by certificate serial or JWT jti")
     _source_flags(show)
     show.add_argument("serial_hex", metavar="SERIAL", help="certificate serial (lowercase hex)")
     show.add_argument("--format", choices=("text", "json"), default="text")

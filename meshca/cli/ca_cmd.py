@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshca.adapters.event_log import EVENTS_LOGGER
 from meshca.adapters.keys.file_store import FileCaStore
 from meshca.cli.serve_cmd import HELP
 from meshca.config import ConfigError, Settings, load_settings
 from meshca.core.authority import SignerKey
 from meshca.core.errors import MeshcaError, UnsafeChange
+from meshca.core.jwt_svid import JwtKey
 from meshca.core.rotation import AuthoritySet, AuthorityState, Rotation
 
 __all__ = ["load_bundle", "register"]
@@ -80,6 +84,23 @@ def load_bundle(data_dir: Path, database_url: str | None = None) -> tuple[x509.C
     return legacy.load_roots() if legacy.exists() else ()
 
 
+def load_jwt_keys(data_dir: Path, database_url: str | None = None) -> tuple[JwtKey, ...]:
+    """The JWT-SVID keys verifiers must know, from the journal (none before it had any)."""
+    from meshca.adapters.storage.engine import make_engine
+    from meshca.adapters.storage.journal import SqlAuthorityJournal
+
+    if not (database_url or (data_dir / "meshca.db").exists()):
+        return ()
+    engine = make_engine(database_url or Settings(data_dir=data_dir).effective_database_url)
+    try:
+        entries = SqlAuthorityJournal(engine).load().jwt_bundle()
+    except MeshcaError:
+        return ()
+    finally:
+        engine.dispose()
+    return tuple(JwtKey.from_certificate(e.id, e.certificate) for e in entries)
+
+
 def _no_ca(data_dir: Path) -> int:
     print(
         f"meshca: no CA in {data_dir}: start 'meshca serve --data-dir {data_dir}' once to "
@@ -98,7 +119,12 @@ def _bundle(args: argparse.Namespace) -> int:
         from meshca.adapters.bundle_endpoint import spiffe_bundle_document
 
         refresh = (args.refresh_hint or timedelta(minutes=5)).total_seconds()
-        document = spiffe_bundle_document(roots, sequence=args.sequence, refresh_hint=refresh)
+        document = spiffe_bundle_document(
+            roots,
+            sequence=args.sequence,
+            refresh_hint=refresh,
+            jwt_keys=load_jwt_keys(data_dir, args.database_url),
+        )
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
         return 0
     for root in roots:
@@ -161,7 +187,7 @@ def format_status(
     """The lifecycle as a table, then what happens next and when."""
     columns = ("KIND", "ID", "STATE", "SOURCE", "SINCE", "NOT BEFORE", "NOT AFTER", "SHA-256")
     rows: list[tuple[str, ...]] = [columns]
-    order = {"root": 0, "intermediate": 1}
+    order = {"root": 0, "intermediate": 1, "jwt-key": 2}
     for entry in sorted(
         authorities.entries, key=lambda e: (order[e.kind], e.state != "active", e.prepared_at)
     ):
@@ -220,14 +246,35 @@ def _status(args: argparse.Namespace) -> int:
             return _no_ca(settings.data_dir)
         now = _now()
         rotation = service.rotation(view.authorities)
+        orphans, orphans_problem = _orphans(service) if settings.vault_transit else ((), None)
         if args.format == "json":
-            print(json.dumps(_status_json(view.authorities, rotation, now), indent=2))
+            document = _status_json(view.authorities, rotation, now)
+            if settings.vault_transit:
+                document["orphaned_keys"] = list(orphans)
+                document["orphaned_keys_error"] = orphans_problem
+            print(json.dumps(document, indent=2))
         else:
             print(format_status(view.authorities, rotation, now, show_removed=args.all))
             vault = _vault_health(settings)
             if vault:
                 print(vault)
+            if orphans_problem:
+                print(f"orphaned keys: unknown ({orphans_problem})")
+            elif orphans:
+                print(
+                    f"orphaned keys: {len(orphans)} in {settings.vault_transit_mount} that no "
+                    "live authority names ('meshca ca prune-keys' deletes them):"
+                )
+                for key_ref in orphans:
+                    print(f"  {key_ref}")
     return 0
+
+
+def _orphans(service: Any) -> tuple[tuple[str, ...], str | None]:
+    try:
+        return service.orphaned_keys(), None
+    except MeshcaError as error:
+        return (), error.message
 
 
 def _vault_health(settings: Settings) -> str | None:
@@ -316,34 +363,42 @@ def _now() -> datetime:
 def _import(args: argparse.Namespace) -> int:
     from meshca.adapters.keys.files import FileKeyManager
     from meshca.adapters.keys.sealed import SealedKeyManager
+    from meshca.adapters.vault.transit_key import TransitKeyManager
 
     settings = _settings(args)
-    if settings.vault_transit:
-        print(
-            "meshca: refused: with --vault-transit no CA key may live on disk; import the "
-            "key into Vault's Transit engine instead",
-            file=sys.stderr,
-        )
-        return 1
     try:
         certificates = x509.load_pem_x509_certificates(Path(args.cert).read_bytes())
-        key = serialization.load_pem_private_key(Path(args.key).read_bytes(), password=None)
     except (OSError, ValueError) as error:
-        print(f"meshca: cannot read the certificate or key: {error}", file=sys.stderr)
+        print(f"meshca: cannot read the certificate {args.cert}: {error}", file=sys.stderr)
+        return 2
+    key = _read_key(Path(args.key), args.key_passphrase_file)
+    if key is None:
         return 2
     if not isinstance(key, SignerKey):
         print("meshca: refused: the key must be ECDSA, RSA or Ed25519", file=sys.stderr)
         return 1
+    if settings.vault_upstream and certificates and _self_signed(certificates[0]):
+        print(
+            "meshca: refused: with --vault-upstream the roots come from Vault's PKI mount "
+            f"{settings.vault_pki_mount!r}: import the root there ('bao write "
+            f"{settings.vault_pki_mount}/issuers/import/bundle pem_bundle=@ca.pem', then "
+            f"'bao write {settings.vault_pki_mount}/config/issuers default=<issuer id>'); "
+            "meshca publishes it and signs under it after the propagation delay",
+            file=sys.stderr,
+        )
+        return 1
     with _authorities(settings) as service:
         try:
             service.refresh()
-            # Sealed in the database when replicas share keys, else in the data dir.
+            # In Vault Transit when keys are there (never on disk); sealed in the
+            # database when replicas share keys; else in the data directory.
             importer = service.keys
-            if not isinstance(importer, SealedKeyManager):
+            if not isinstance(importer, SealedKeyManager | TransitKeyManager):
                 importer = FileKeyManager(settings.data_dir / "ca")
             entries = service.import_authority(certificates, key, importer)
             for entry in entries:
-                print(f"imported {entry.kind} {entry.id} ({entry.state})")
+                where = f", key {entry.key_ref}" if entry.key_ref and settings.vault_transit else ""
+                print(f"imported {entry.kind} {entry.id} ({entry.state}{where})")
             plan = service.rotation().plan(_now())
             for step in plan[:3]:
                 print(
@@ -351,6 +406,83 @@ def _import(args: argparse.Namespace) -> int:
                 )
         except MeshcaError as error:
             return _failed(error)
+    return 0
+
+
+def _self_signed(certificate: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _read_key(path: Path, passphrase_file: str | None) -> Any:
+    """The private key in ``path`` (PEM), or None after saying why it cannot be had."""
+    try:
+        pem = path.read_bytes()
+        password = Path(passphrase_file).read_bytes().rstrip(b"\r\n") if passphrase_file else None
+    except OSError as error:
+        print(f"meshca: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return None
+    try:
+        return serialization.load_pem_private_key(pem, password=password)
+    except TypeError:
+        if password is None:
+            print(
+                f"meshca: the key in {path} is encrypted: give its passphrase with "
+                "--key-passphrase-file",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"meshca: the key in {path} is not encrypted: drop --key-passphrase-file",
+                file=sys.stderr,
+            )
+    except (ValueError, UnsupportedAlgorithm) as error:
+        reason = "wrong passphrase, or " if password is not None else ""
+        print(
+            f"meshca: cannot read the key in {path} ({reason}not a PEM private key): "
+            f"{str(error).splitlines()[0][:200] if str(error) else type(error).__name__}",
+            file=sys.stderr,
+        )
+    return None
+
+
+def _prune_keys(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.vault_transit:
+        print(
+            "meshca: prune-keys is for keys in Vault Transit (--vault-transit); other key "
+            "stores drop keys no authority names by themselves",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.database_url and not (settings.data_dir / "meshca.db").exists():
+        return _no_ca(settings.data_dir)
+    dry_run = args.dry_run or not args.yes
+    with _authorities(settings) as service:
+        try:
+            orphans = service.prune_keys(dry_run=dry_run)
+        except MeshcaError as error:
+            return _failed(error)
+    if not orphans:
+        print("no orphaned keys")
+        return 0
+    for key_ref in orphans:
+        print(f"{'would delete' if dry_run else 'deleted'} {key_ref}")
+    if dry_run:
+        if not args.dry_run:
+            print("meshca: nothing deleted: run again with --yes to delete these", file=sys.stderr)
+            return 1
+        return 0
+    logging.getLogger(EVENTS_LOGGER).warning(
+        "%s",
+        json.dumps(
+            {"event": "ca-keys-pruned", "mount": settings.vault_transit_mount, "keys": orphans}
+        ),
+    )
+    print(f"pruned {len(orphans)} orphaned key(s) from {settings.vault_transit_mount}")
     return 0
 
 
@@ -432,13 +564,33 @@ def register(commands: Any) -> None:
         "import",
         help="plug in an organisation's root, or intermediate with its chain",
         description="--cert: PEM with the CA certificate first, then its issuers up to the "
-        "root. --key: its private key (PEM, unencrypted). A new root waits out the "
-        "propagation delay in the trust bundle before anything is signed under it.",
+        "root. --key: its private key (PEM; --key-passphrase-file if encrypted). A new root "
+        "waits out the propagation delay in the trust bundle before anything is signed "
+        "under it. With --vault-transit the key is imported into Transit (ECDSA P-256/P-384; "
+        "never written to disk) and checked by a signature made there; with "
+        "--vault-upstream only an intermediate under a root of the PKI mount is taken.",
     )
     importer.add_argument("--cert", required=True, help="certificate (and chain), PEM")
     importer.add_argument("--key", required=True, help="private key, PEM")
+    importer.add_argument(
+        "--key-passphrase-file", metavar="FILE", help="passphrase of an encrypted --key"
+    )
     _ca_flags(importer)
     importer.set_defaults(run=_import)
+
+    prune = sub.add_parser(
+        "prune-keys",
+        help="delete Vault Transit keys that no live authority names (orphans)",
+        description="With --vault-transit: list the keys in the Transit mount whose names "
+        "start with meshca's prefix (meshca-<trust domain>-) and that no authority in the "
+        "journal names, other than removed ones: left by a crash between making a key and "
+        "recording it, or by a removal cut short. Without --yes nothing is deleted. Keys "
+        "outside the prefix are never touched. Runs under the rotation lock.",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+    prune.add_argument("--yes", action="store_true", help="delete them")
+    _ca_flags(prune)
+    prune.set_defaults(run=_prune_keys)
 
     reseal = sub.add_parser(
         "reseal-keys",

@@ -38,6 +38,8 @@ class Access(enum.StrEnum):
     POLICY_CALLER = "policy-caller"
     #: A ``--policy-admin`` client SVID, or the ``--policy-token-file`` bearer token.
     POLICY_ADMIN = "policy-admin"
+    #: ``meshca agent``'s Unix socket: whoever its file mode lets open it (the pod).
+    LOCAL_SOCKET = "local-socket"
     #: An ``--auditor`` client SVID, or the ``--audit-token-file`` bearer token.
     AUDITOR = "auditor"
 
@@ -75,12 +77,20 @@ CALLERS: tuple[CallerRow, ...] = (
         allowed="any attested workload, for its own Linkerd name; only with --linkerd-certify",
     ),
     CallerRow(
+        api="JWT-SVID",
+        methods=("meshca.v1.JwtSvidService/SignJwtSvid",),
+        access=Access.WORKLOAD_TOKEN,
+        credential="service-account token (bearer)",
+        allowed="any attested workload, for its own SPIFFE ID and the audiences it asks",
+    ),
+    CallerRow(
         api="trust bundle",
         methods=(
             f"{_CA}/GetTrustBundle",
             f"{_CA}/WatchTrustBundle",
             "GET / (--bundle-endpoint)",
             "GET /crl/<sha256>.der (--bundle-endpoint)",
+            "GET /.well-known/openid-configuration and /keys (--oidc-discovery)",
         ),
         access=Access.PUBLIC,
         credential="none",
@@ -119,6 +129,36 @@ CALLERS: tuple[CallerRow, ...] = (
         access=Access.AUDITOR,
         credential="client SVID (mTLS, --audit-listen) or bearer token",
         allowed="--auditor SPIFFE IDs, or holders of --audit-token-file",
+    ),
+    CallerRow(
+        api="agent Workload API",
+        methods=tuple(
+            f"SpiffeWorkloadAPI/{m}"
+            for m in (
+                "FetchX509SVID",
+                "FetchX509Bundles",
+                "FetchJWTSVID",
+                "FetchJWTBundles",
+                "ValidateJWTSVID",
+                "FetchWITSVID",
+                "FetchWITBundles",
+            )
+        ),
+        access=Access.LOCAL_SOCKET,
+        credential="none: `meshca agent`'s Unix socket (--socket-mode, 0600) and the "
+        "`workload.spiffe.io: true` header",
+        allowed="processes that can open the socket: the workload's own pod; each gets "
+        "the pod's identity",
+    ),
+    CallerRow(
+        api="agent SDS",
+        methods=tuple(
+            f"envoy.service.secret.v3.SecretDiscoveryService/{m}"
+            for m in ("StreamSecrets", "FetchSecrets", "DeltaSecrets")
+        ),
+        access=Access.LOCAL_SOCKET,
+        credential="none: `meshca agent`'s Unix socket (--socket-mode, 0600)",
+        allowed="processes that can open the socket: the pod's Envoy",
     ),
     CallerRow(
         api="health",

@@ -33,6 +33,7 @@ __all__ = [
     "IssuanceLog",
     "KeyImporter",
     "KeyInventory",
+    "KeyListing",
     "KeyManager",
     "OutcomeObserver",
     "RecordWriterStatus",
@@ -156,6 +157,24 @@ class KeyInventory(Protocol):
     """Optional: lists stored keys, so keys no journal entry names can be cleaned up."""
 
     def key_refs(self) -> Sequence[str]: ...
+
+
+@runtime_checkable
+class KeyListing(Protocol):
+    """Optional: lists the stored keys with this deployment's name prefix (Vault Transit).
+
+    Unlike a ``KeyInventory``, nothing deletes what it lists by itself: the mount may be
+    shared, so orphans are removed only on an operator's ``meshca ca prune-keys``.
+    """
+
+    @property
+    def prefix(self) -> str:
+        """Key references from this store start with this (after the backend's scheme)."""
+        ...
+
+    def listed(self) -> Sequence[str]:
+        """Every stored key reference with the prefix."""
+        ...
 
 
 class KeyImporter(Protocol):

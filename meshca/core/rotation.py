@@ -21,6 +21,15 @@ The rules, with every time taken from the injected clock:
 - The active intermediate is renewed once half its lifetime is gone, a self-made root
   once it is ``root_rotation`` old; both can also be asked for at any time.
 - A retired intermediate is removed (its key deleted) when it expires.
+
+JWT-SVID signing keys (kind ``jwt-key``, when ``RotationPolicy.jwt_keys`` is set) follow
+the same lifecycle beside the roots. Each is held in the journal as a self-signed key
+certificate that only carries its public key and lifetime (it is never in any X.509
+bundle). A prepared key is in the JWT bundle for ``propagation_delay`` before it signs
+(the first key of a trust domain, with none usable, is activated at once); its
+activation retires the previous key. A successor is prepared at half the active key's
+life, and a retired key leaves the bundle once every token it signed has expired
+(``max_jwt_svid_ttl`` after its retirement, never later than its own end).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ __all__ = [
 class AuthorityKind(StrEnum):
     ROOT = "root"
     INTERMEDIATE = "intermediate"
+    JWT_KEY = "jwt-key"
 
 
 class AuthorityState(StrEnum):
@@ -212,6 +222,24 @@ class AuthoritySet:
         )
         return found[0] if found else None
 
+    @property
+    def active_jwt_key(self) -> AuthorityEntry | None:
+        return self._one(AuthorityKind.JWT_KEY, AuthorityState.ACTIVE)
+
+    @property
+    def prepared_jwt_key(self) -> AuthorityEntry | None:
+        return self._one(AuthorityKind.JWT_KEY, AuthorityState.PREPARED)
+
+    def jwt_bundle(self) -> tuple[AuthorityEntry, ...]:
+        """The JWT keys verifiers must know: active, then prepared, then retired."""
+        keys = [
+            e
+            for e in self.entries
+            if e.kind == AuthorityKind.JWT_KEY and e.state != AuthorityState.REMOVED
+        ]
+        keys.sort(key=lambda e: (_ORDER[e.state], -e.prepared_at.timestamp(), e.id))
+        return tuple(keys)
+
     def bundle(self) -> tuple[x509.Certificate, ...]:
         """The roots relying parties must trust: active, then prepared, then retired."""
         roots = [e for e in self.entries if e.kind == AuthorityKind.ROOT]
@@ -226,7 +254,8 @@ class AuthoritySet:
         transaction share their time) and counts each change of the bundle, so a bundle
         fetched from any replica or worker carries the same sequence for the same roots.
         """
-        roots = [e for e in self.entries if e.kind == AuthorityKind.ROOT]
+        # The SPIFFE bundle holds the roots and the JWT keys: a change to either counts.
+        roots = [e for e in self.entries if e.kind in (AuthorityKind.ROOT, AuthorityKind.JWT_KEY)]
         changes: dict[datetime, list[tuple[str, AuthorityState]]] = {}
         for entry in roots:
             for at, state in (
@@ -247,7 +276,12 @@ class AuthoritySet:
                     states[entry_id_] = state
             order = sorted(
                 (i for i, state in states.items() if state != AuthorityState.REMOVED),
-                key=lambda i: (_ORDER[states[i]], -by_id[i].prepared_at.timestamp(), i),
+                key=lambda i: (
+                    by_id[i].kind == AuthorityKind.JWT_KEY,  # roots first, as published
+                    _ORDER[states[i]],
+                    -by_id[i].prepared_at.timestamp(),
+                    i,
+                ),
             )
             if order and order != previous:
                 sequence += 1
@@ -264,6 +298,8 @@ class Step(StrEnum):
     ACTIVATE_ROOT = "activate-root"
     PREPARE_INTERMEDIATE = "prepare-intermediate"
     ACTIVATE_INTERMEDIATE = "activate-intermediate"
+    PREPARE_JWT_KEY = "prepare-jwt-key"
+    ACTIVATE_JWT_KEY = "activate-jwt-key"
     REMOVE = "remove"
 
 
@@ -282,7 +318,8 @@ class RotationPolicy:
     """Lifetimes and delays, as plain values.
 
     ``self_managed_roots`` is False when roots come from upstream (Vault's PKI): meshca
-    then never makes a root of its own.
+    then never makes a root of its own. With ``jwt_keys``, JWT-SVID signing keys of
+    ``jwt_key_ttl`` rotate in the journal too, signing tokens of up to ``max_jwt_svid_ttl``.
     """
 
     root_ttl: timedelta
@@ -291,6 +328,9 @@ class RotationPolicy:
     propagation_delay: timedelta
     root_rotation: timedelta
     self_managed_roots: bool = True
+    jwt_keys: bool = False
+    jwt_key_ttl: timedelta = timedelta(days=30)
+    max_jwt_svid_ttl: timedelta = timedelta(hours=1)
 
     def problems(self) -> list[str]:
         """Why these settings cannot rotate without breaking handshakes (empty if fine)."""
@@ -306,6 +346,12 @@ class RotationPolicy:
                 f"propagation delay {_span(self.propagation_delay)} is shorter than half the "
                 f"maximum SVID lifetime ({_span(self.max_svid_ttl)}): proxies that renew at "
                 "half-life may not have fetched a new root before meeting it"
+            )
+        if self.jwt_keys and 2 * self.propagation_delay >= self.jwt_key_ttl / 2:
+            found.append(
+                f"a JWT key lives {_span(self.jwt_key_ttl)}; its successor waits "
+                f"{_span(self.propagation_delay)} in the bundle, which needs a key lifetime of "
+                "more than four propagation delays"
             )
         return found
 
@@ -393,10 +439,37 @@ class Rotation:
         prepared = self.authorities.prepared_intermediate(root.id)
         return prepared is not None and now >= prepared.not_before
 
+    # -- JWT-SVID keys -------------------------------------------------------------------
+
+    def jwt_key_prepare_at(self) -> datetime | None:
+        """When a (successor) JWT key is due; None when JWT keys are off or one waits."""
+        if not self.policy.jwt_keys or self.authorities.prepared_jwt_key is not None:
+            return None
+        active = self.authorities.active_jwt_key
+        if active is None:
+            return _LONG_AGO
+        # Early enough that the successor is activated before this key ends.
+        return min(active.half_life, active.not_after - 2 * self.policy.propagation_delay)
+
+    def jwt_key_activate_at(self, now: datetime) -> datetime | None:
+        """When the prepared JWT key may sign; at once when no usable key signs now."""
+        prepared = self.authorities.prepared_jwt_key
+        if prepared is None:
+            return None
+        active = self.authorities.active_jwt_key
+        if active is None or now >= active.not_after:
+            return max(prepared.prepared_at, prepared.not_before)
+        return max(prepared.prepared_at + self.policy.propagation_delay, prepared.not_before)
+
     # -- removal -------------------------------------------------------------------------
 
     def remove_at(self, entry: AuthorityEntry) -> datetime | None:
         """When ``entry`` may leave the bundle and lose its key; None: not while it is so."""
+        if entry.kind == AuthorityKind.JWT_KEY:
+            if entry.state != AuthorityState.RETIRED:
+                return None
+            retired = entry.retired_at or entry.prepared_at
+            return min(retired + self.policy.max_jwt_svid_ttl, entry.not_after)
         if entry.state == AuthorityState.RETIRED:
             if entry.kind == AuthorityKind.INTERMEDIATE:
                 return entry.not_after
@@ -469,14 +542,34 @@ class Rotation:
                             "half the active intermediate's life is gone",
                         )
                     )
+        at = self.jwt_key_prepare_at()
+        if at is not None:
+            reason = (
+                "no active JWT key"
+                if self.authorities.active_jwt_key is None
+                else "half the active JWT key's life is gone"
+            )
+            steps.append(PlannedStep(Step.PREPARE_JWT_KEY, max(at, now), None, reason))
+        jwt_key = self.authorities.prepared_jwt_key
+        activate = self.jwt_key_activate_at(now)
+        if jwt_key is not None and activate is not None:
+            steps.append(
+                PlannedStep(
+                    Step.ACTIVATE_JWT_KEY,
+                    max(activate, now),
+                    jwt_key.id,
+                    f"in the JWT bundle for {_span(self.policy.propagation_delay)}",
+                )
+            )
         for entry in self.authorities.entries:
             at = self.remove_at(entry)
             if at is not None:
-                reason = (
-                    "every certificate chained to it has expired"
-                    if entry.state == AuthorityState.RETIRED
-                    else "its root was never activated"
-                )
+                if entry.kind == AuthorityKind.JWT_KEY:
+                    reason = "every JWT-SVID it signed has expired"
+                elif entry.state == AuthorityState.RETIRED:
+                    reason = "every certificate chained to it has expired"
+                else:
+                    reason = "its root was never activated"
                 steps.append(PlannedStep(Step.REMOVE, max(at, now), entry.id, reason))
         steps.sort(key=lambda s: (s.at, list(Step).index(s.step)))
         return steps

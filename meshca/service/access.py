@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from meshca.core.audit import AuditRecord, Outcome
 from meshca.core.callers import Access, SpiffePatterns, row_for
-from meshca.core.errors import AuthenticationFailed, InternalError, MeshcaError, NotAuthorized
+from meshca.core.denylist import DenyList
+from meshca.core.errors import (
+    AuthenticationFailed,
+    InternalError,
+    MeshcaError,
+    NotAuthorized,
+    Revoked,
+)
 from meshca.core.ports import AuditLog, Clock, OutcomeObserver
 
-__all__ = ["Caller", "CallerGuard", "PolicyAccess"]
+__all__ = ["Caller", "CallerGuard", "PolicyAccess", "refuse_revoked_svid"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,9 @@ class Caller:
     token: str | None = None
     problem: AuthenticationFailed | None = None
     peer: str | None = None
+    #: The client SVID's serial and key hash, for the deny-list (mTLS callers only).
+    serial: str | None = None
+    key_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +116,25 @@ class PolicyAccess:
         )
 
 
+def refuse_revoked_svid(
+    deny_list: DenyList,
+    spiffe_id: str | None,
+    key_sha256: str | None,
+    serial: str | None,
+    now: datetime,
+) -> None:
+    """Raise ``Revoked`` when a client SVID's ID, key or serial is on the deny-list.
+
+    The handshake checked the chain; this is the revocation check mTLS cannot make, so
+    a revoked SVID stops opening doors within one deny-list poll, not at its expiry.
+    """
+    entry = deny_list.is_denied(spiffe_id, key_sha256, serial, now)
+    if entry is not None:
+        raise Revoked(
+            f"client certificate refused by deny-list entry {entry.id}", reason="revoked-svid"
+        )
+
+
 class CallerGuard:
     """Checks each call against its row of the table; records and raises refusals."""
 
@@ -115,8 +145,10 @@ class CallerGuard:
         audit_log: AuditLog,
         clock: Clock,
         on_outcome: OutcomeObserver | None = None,
+        deny_list: Callable[[], DenyList] | None = None,
     ) -> None:
         self.access = access
+        self._deny_list = deny_list
         self._audit = audit_log
         self._clock = clock
         self._on_outcome = on_outcome
@@ -125,6 +157,14 @@ class CallerGuard:
         """Return if ``caller`` may call ``method``; else record the refusal and raise."""
         row = row_for(method)
         try:
+            if caller.spiffe_id is not None and self._deny_list is not None:
+                refuse_revoked_svid(
+                    self._deny_list(),
+                    caller.spiffe_id,
+                    caller.key_sha256,
+                    caller.serial,
+                    self._clock.now(),
+                )
             self.access.check(row.access, caller)
         except MeshcaError as error:
             await self._record(method, caller, error)

@@ -17,9 +17,11 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from meshca.core.audit import AuditPage, AuditQuery, LogEntry, Outcome
+from meshca.core.denylist import DenyList
 from meshca.core.errors import AuthenticationFailed, InvalidRequest, NotAuthorized
 from meshca.core.log import ConsistencyProof, InclusionProof, LogState, SignedTreeHead
 from meshca.core.ports import AuditReader, Clock, IssuanceLog
+from meshca.service.access import refuse_revoked_svid
 
 __all__ = ["AuditAccess", "AuditCaller", "AuditService", "LogMaintenance"]
 
@@ -39,6 +41,9 @@ class AuditCaller:
 
     spiffe_id: str | None = None
     token: str | None = None
+    #: The client SVID's serial and key hash, for the deny-list (mTLS callers only).
+    serial: str | None = None
+    key_sha256: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +88,29 @@ class AuditService:
         log: IssuanceLog,
         clock: Clock,
         offload: Offload = _to_thread,
+        deny_list: Callable[[], DenyList] | None = None,
     ) -> None:
         self._access = access
+        self._deny_list = deny_list
         self._reader = reader
         self._log = log
         self._clock = clock
         self._offload = offload
 
-    async def query(self, caller: AuditCaller, query: AuditQuery) -> AuditPage:
+    def _admit(self, caller: AuditCaller) -> None:
+        """Return if ``caller`` may read the record: an auditor, and not revoked."""
+        if caller.spiffe_id is not None and self._deny_list is not None:
+            refuse_revoked_svid(
+                self._deny_list(),
+                caller.spiffe_id,
+                caller.key_sha256,
+                caller.serial,
+                self._clock.now(),
+            )
         self._access.check(caller)
+
+    async def query(self, caller: AuditCaller, query: AuditQuery) -> AuditPage:
+        self._admit(caller)
         page: AuditPage = await self._offload(lambda: self._reader.query(query))
         return page
 
@@ -105,7 +124,7 @@ class AuditService:
         self, caller: AuditCaller, *, serial: str | None = None, leaf_index: int | None = None
     ) -> LogEntry:
         """The entry for a serial or leaf index; ``InvalidRequest`` if there is none."""
-        self._access.check(caller)
+        self._admit(caller)
         if (serial is None) == (leaf_index is None):
             raise InvalidRequest("give a serial or a leaf index")
         entry: LogEntry | None = await self._offload(
@@ -118,7 +137,7 @@ class AuditService:
 
     async def export(self, caller: AuditCaller, query: AuditQuery) -> AsyncIterator[LogEntry]:
         """Every matching entry, newest first, a page at a time."""
-        self._access.check(caller)
+        self._admit(caller)
         cursor = query.cursor
         while True:
             page: AuditPage = await self._offload(
@@ -134,7 +153,7 @@ class AuditService:
         self, caller: AuditCaller, start: int, *, batch: int = 1000
     ) -> AsyncIterator[LogEntry]:
         """Every stored entry from leaf ``start`` on, in leaf order (for recomputation)."""
-        self._access.check(caller)
+        self._admit(caller)
         position = start
         while True:
             entries: list[LogEntry] = await self._offload(
@@ -147,13 +166,13 @@ class AuditService:
             position = entries[-1].leaf_index + 1
 
     async def state(self, caller: AuditCaller) -> LogState:
-        self._access.check(caller)
+        self._admit(caller)
         state: LogState = await self._offload(self._log.state)
         return state
 
     async def signed_tree_head(self, caller: AuditCaller, *, fresh: bool = False) -> SignedTreeHead:
         """The latest signed head; with ``fresh``, a head signed now over every leaf."""
-        self._access.check(caller)
+        self._admit(caller)
         if not fresh:
             latest: SignedTreeHead | None = await self._offload(self._log.latest_head)
             if latest is not None:
@@ -187,7 +206,7 @@ class AuditService:
     async def consistency_proof(
         self, caller: AuditCaller, old_size: int, new_size: int
     ) -> ConsistencyProof:
-        self._access.check(caller)
+        self._admit(caller)
         proof: ConsistencyProof = await self._offload(
             lambda: self._log.consistency_proof(old_size, new_size)
         )

@@ -34,11 +34,14 @@ from meshca.core.authority import (
     trust_domain_ids,
 )
 from meshca.core.errors import AuthorityNotReady, MeshcaError, UnsafeChange
+from meshca.core.jwt_svid import JwtKey, build_jwt_key_certificate
+from meshca.core.key_orphans import live_key_refs, orphaned_key_refs
 from meshca.core.ports import (
     AuthorityJournal,
     Clock,
     KeyImporter,
     KeyInventory,
+    KeyListing,
     KeyManager,
     UpstreamAuthority,
 )
@@ -57,7 +60,7 @@ from meshca.core.rotation import (
 )
 from meshca.core.spiffe import TrustDomain
 
-__all__ = ["UPSTREAM_REF", "AuthorityService", "AuthorityView", "StepReport"]
+__all__ = ["UPSTREAM_REF", "AuthorityService", "AuthorityView", "JwtSigner", "StepReport"]
 
 #: ``key_ref`` of a root held by the upstream CA: ``upstream:<its name there>``.
 UPSTREAM_REF = "upstream:"
@@ -80,15 +83,30 @@ class StepReport:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class JwtSigner:
+    """The active JWT-SVID key: its ``kid``, signer and end."""
+
+    kid: str
+    signer: SignerKey
+    not_after: datetime
+
+
 @dataclass(frozen=True)
 class AuthorityView:
-    """One process's picture of the journal: the issuer to sign with and the bundle."""
+    """One process's picture of the journal: the issuer to sign with and the bundle.
+
+    ``jwt_keys`` are the JWT-SVID keys verifiers must know (``AuthoritySet.jwt_bundle``);
+    ``jwt_signer`` is the active one, None when JWT keys are off or none is active yet.
+    """
 
     authorities: AuthoritySet
     authority: Authority | None
     bundle: tuple[x509.Certificate, ...]
     problem: str | None = None
     bundle_sequence: int = 1
+    jwt_keys: tuple[JwtKey, ...] = ()
+    jwt_signer: JwtSigner | None = None
 
 
 @dataclass
@@ -125,6 +143,7 @@ class AuthorityService:
         self._checkpoint = checkpoint
         self._upstream = upstream
         self._signers: dict[str, SignerKey] = {}
+        self._jwt_signers: dict[str, SignerKey] = {}
         self._view = AuthorityView(AuthoritySet(), None, (), "not loaded yet")
         self._signature: tuple[tuple[str, str], ...] | None = None
         self._refresh_lock = threading.Lock()
@@ -159,13 +178,38 @@ class AuthorityService:
                 self._signature = signature
             return self._view
 
+    def jwt_signer(self) -> JwtSigner:
+        """The key to sign JWT-SVIDs with; raises ``AuthorityNotReady`` when there is none."""
+        signer = self._view.jwt_signer
+        if signer is None:
+            raise AuthorityNotReady("no active JWT-SVID key yet", reason="jwt-key-not-ready")
+        return signer
+
+    def _jwt_view(self, authorities: AuthoritySet) -> tuple[tuple[JwtKey, ...], JwtSigner | None]:
+        keys = tuple(JwtKey.from_certificate(e.id, e.certificate) for e in authorities.jwt_bundle())
+        active = authorities.active_jwt_key
+        if active is None or active.key_ref is None:
+            return keys, None
+        signer = self._jwt_signers.get(active.key_ref)
+        if signer is None:
+            signer = self._keys.load(active.key_ref)
+            self._jwt_signers = {active.key_ref: signer}
+        return keys, JwtSigner(active.id, signer, active.not_after)
+
     def _build_view(self, authorities: AuthoritySet) -> AuthorityView:
         bundle = authorities.bundle()
         sequence = authorities.bundle_sequence()
+        jwt_keys, jwt_signer = self._jwt_view(authorities)
         intermediate = authorities.active_intermediate
         if intermediate is None or intermediate.key_ref is None:
             return AuthorityView(
-                authorities, None, bundle, "no active intermediate CA", bundle_sequence=sequence
+                authorities,
+                None,
+                bundle,
+                "no active intermediate CA",
+                bundle_sequence=sequence,
+                jwt_keys=jwt_keys,
+                jwt_signer=jwt_signer,
             )
         signer = self._signers.get(intermediate.key_ref)
         if signer is None:
@@ -178,7 +222,14 @@ class AuthorityService:
             chain=intermediate.chain,
             roots=bundle,
         )
-        return AuthorityView(authorities, authority, bundle, bundle_sequence=sequence)
+        return AuthorityView(
+            authorities,
+            authority,
+            bundle,
+            bundle_sequence=sequence,
+            jwt_keys=jwt_keys,
+            jwt_signer=jwt_signer,
+        )
 
     # -- the rotator ---------------------------------------------------------------------
 
@@ -266,6 +317,10 @@ class AuthorityService:
                 ids = (self._prepare_intermediate(root, now).id,)
             case Step.ACTIVATE_INTERMEDIATE:
                 ids = self._activate_intermediate(authorities, now)
+            case Step.PREPARE_JWT_KEY:
+                ids = (self._prepare_jwt_key(now).id,)
+            case Step.ACTIVATE_JWT_KEY:
+                ids = self._activate_jwt_key(authorities, now)
             case Step.REMOVE:
                 assert planned.target is not None
                 ids = (self._remove(authorities, planned.target, now),)
@@ -410,6 +465,38 @@ class AuthorityService:
         self._checkpoint("activate-intermediate:recorded")
         return tuple(m.id for m in moves)
 
+    def _prepare_jwt_key(self, now: datetime) -> AuthorityEntry:
+        self._checkpoint("prepare-jwt-key:start")
+        key_ref, key = self._keys.create("jwt")
+        self._checkpoint("prepare-jwt-key:key-stored")
+        certificate = build_jwt_key_certificate(
+            key, self._trust_domain, now, self.policy.jwt_key_ttl, self._new_serial()
+        )
+        entry = AuthorityEntry(
+            id=entry_id(certificate),
+            kind=AuthorityKind.JWT_KEY,
+            state=AuthorityState.PREPARED,
+            source=AuthoritySource.SELF,
+            certificate=certificate,
+            parent_id=None,
+            key_ref=key_ref,
+            prepared_at=now,
+        )
+        self._journal.record([entry], [], now)
+        self._checkpoint("prepare-jwt-key:recorded")
+        return entry
+
+    def _activate_jwt_key(self, authorities: AuthoritySet, now: datetime) -> tuple[str, ...]:
+        waiting = authorities.prepared_jwt_key
+        assert waiting is not None
+        moves = [Transition(waiting.id, AuthorityState.PREPARED, AuthorityState.ACTIVE)]
+        old = authorities.active_jwt_key
+        if old is not None:
+            moves.append(Transition(old.id, AuthorityState.ACTIVE, AuthorityState.RETIRED))
+        self._journal.record([], moves, now)
+        self._checkpoint("activate-jwt-key:recorded")
+        return tuple(m.id for m in moves)
+
     def _remove(self, authorities: AuthoritySet, target: str, now: datetime) -> str:
         entry = authorities.get(target)
         assert entry is not None
@@ -533,6 +620,36 @@ class AuthorityService:
         self.refresh()
         return reports
 
+    def orphaned_keys(self) -> tuple[str, ...]:
+        """Stored keys with this deployment's prefix that no live entry names (none when
+        the key manager cannot list its keys)."""
+        if not isinstance(self._keys, KeyListing):
+            return ()
+        return orphaned_key_refs(
+            self._keys.listed(), self._journal.load(), prefix=self._keys.prefix
+        )
+
+    def prune_keys(self, *, dry_run: bool = False) -> tuple[str, ...]:
+        """Delete the orphaned keys, under the step lock; returns those (to be) deleted.
+
+        Under the lock, no step is between making a key and recording its entry, so a
+        key about to be named is never taken for an orphan.
+        """
+        with self._lock():
+            if not live_key_refs(self._journal.load()):
+                # A journal naming no key at all is the wrong database, or a CA not yet
+                # started: every key in the mount would look orphaned.
+                raise UnsafeChange(
+                    "the journal names no CA key: is this the database of the deployment "
+                    "that owns these keys? Nothing was deleted"
+                )
+            orphans = self.orphaned_keys()
+            if not dry_run:
+                for key_ref in orphans:
+                    self._keys.delete(key_ref)
+                    log.warning("deleted orphaned CA key %s (meshca ca prune-keys)", key_ref)
+        return orphans
+
     def import_authority(
         self, certificates: Sequence[x509.Certificate], key: SignerKey, importer: KeyImporter
     ) -> list[AuthorityEntry]:
@@ -544,14 +661,17 @@ class AuthorityService:
         """
         if not certificates:
             raise UnsafeChange("no certificate given")
-        if not self.policy.self_managed_roots:
-            raise UnsafeChange(
-                "roots and intermediates come from the upstream CA: import there instead"
-            )
         at = self._clock.now()
         leaf = certificates[0]
         _check_importable(leaf, key, at, self.policy, self._trust_domain)
         is_root = leaf.subject == leaf.issuer and _self_signed(leaf)
+        upstream = not self.policy.self_managed_roots
+        if upstream and is_root:
+            raise UnsafeChange(
+                "roots come from the upstream CA: import the root there (Vault: its PKI "
+                "mount's issuers/import/bundle, then make it the default issuer); meshca "
+                "publishes it and signs under it after the propagation delay"
+            )
         chain = tuple(certificates[1:])
         root_cert = leaf if is_root else (chain[-1] if chain else None)
         with self._lock():
@@ -569,6 +689,14 @@ class AuthorityService:
                     ),
                     None,
                 )
+                if upstream and (
+                    known_root is None or known_root.source != AuthoritySource.UPSTREAM
+                ):
+                    raise UnsafeChange(
+                        "the intermediate does not chain to a root of the upstream CA that "
+                        "meshca publishes: import its root into the upstream CA first, or let "
+                        "the upstream sign meshca's intermediates (it does by itself)"
+                    )
                 if known_root is None and (root_cert is None or not _self_signed(root_cert)):
                     raise UnsafeChange(
                         "the intermediate's chain must end in its root: give the root "
@@ -583,7 +711,17 @@ class AuthorityService:
             if authorities.get(entry_id(leaf)) is not None:
                 raise UnsafeChange(f"authority {entry_id(leaf)} is already in the journal")
             inserts: list[AuthorityEntry] = []
+            if known_root is not None:
+                # Refused before the key is stored: a refusal leaves no key behind.
+                if known_root.state == AuthorityState.RETIRED:
+                    raise UnsafeChange(f"root {known_root.id} is retired; it signs nothing new")
+                stale = authorities.prepared_intermediate(known_root.id)
+                if stale is not None:
+                    raise UnsafeChange(
+                        f"intermediate {stale.id} is already waiting under root {known_root.id}"
+                    )
             key_ref = importer.store("imported-root" if is_root else "imported-intermediate", key)
+            self._checkpoint("import:key-stored")
             if is_root:
                 inserts.append(_imported(leaf, AuthorityKind.ROOT, None, key_ref, at))
             else:
@@ -591,8 +729,6 @@ class AuthorityService:
                     assert root_cert is not None
                     known_root = _imported(root_cert, AuthorityKind.ROOT, None, None, at)
                     inserts.append(known_root)
-                elif known_root.state == AuthorityState.RETIRED:
-                    raise UnsafeChange(f"root {known_root.id} is retired; it signs nothing new")
                 inserts.append(
                     AuthorityEntry(
                         id=entry_id(leaf),
@@ -606,11 +742,6 @@ class AuthorityService:
                         chain=chain[:-1],
                     )
                 )
-                stale = authorities.prepared_intermediate(known_root.id)
-                if stale is not None:
-                    raise UnsafeChange(
-                        f"intermediate {stale.id} is already waiting under root {known_root.id}"
-                    )
             self._journal.record(inserts, [], at)
         self.refresh()
         return inserts

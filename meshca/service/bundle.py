@@ -1,8 +1,9 @@
-"""The trust bundle: the roots relying parties verify against, and its changes."""
+"""The trust bundle: the roots and JWT keys relying parties verify against, and its changes."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -10,6 +11,7 @@ from functools import cached_property
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from meshca.core.jwt_svid import JwtKey
 from meshca.core.spiffe import TrustDomain
 
 __all__ = ["BundleSnapshot", "TrustBundleService"]
@@ -23,8 +25,9 @@ class BundleSnapshot:
     trust_domain: TrustDomain
     roots: tuple[x509.Certificate, ...]
     sequence: int
+    jwt_keys: tuple[JwtKey, ...] = ()
     #: The intermediates' CRLs, DER (``service.crl``). A new set makes a new snapshot
-    #: with the same ``sequence``: that counts root changes and comes from the journal.
+    #: with the same ``sequence``: that counts root and JWT key changes, from the journal.
     crls: tuple[bytes, ...] = ()
 
     @cached_property
@@ -32,36 +35,52 @@ class BundleSnapshot:
         # Encoded once per version: a change is sent to every watcher at once.
         return tuple(c.public_bytes(Encoding.PEM).decode() for c in self.roots)
 
+    @cached_property
+    def jwks(self) -> bytes:
+        """The JWT keys as a JWKS document (JSON); empty bytes when there are none."""
+        if not self.jwt_keys:
+            return b""
+        return json.dumps({"keys": [k.jwk() for k in self.jwt_keys]}).encode()
+
 
 class TrustBundleService:
     """Holds the current bundle and wakes every watcher when it changes."""
 
     def __init__(
-        self, trust_domain: TrustDomain, roots: tuple[x509.Certificate, ...], sequence: int = 1
+        self,
+        trust_domain: TrustDomain,
+        roots: tuple[x509.Certificate, ...],
+        sequence: int = 1,
+        jwt_keys: tuple[JwtKey, ...] = (),
     ) -> None:
-        self._snapshot = BundleSnapshot(trust_domain, roots, sequence)
+        self._snapshot = BundleSnapshot(trust_domain, roots, sequence, jwt_keys)
         self._changed = asyncio.Event()
 
     def current(self) -> BundleSnapshot:
         return self._snapshot
 
     def publish(
-        self, roots: tuple[x509.Certificate, ...], sequence: int | None = None
+        self,
+        roots: tuple[x509.Certificate, ...],
+        sequence: int | None = None,
+        jwt_keys: tuple[JwtKey, ...] | None = None,
     ) -> BundleSnapshot:
-        """Replace the roots, as version ``sequence`` (default: the next one); a no-op when
-        they are the same certificates in the same order."""
-        if roots == self._snapshot.roots:
+        """Replace the roots (and JWT keys, when given), as version ``sequence`` (default:
+        the next one); a no-op when both are the same, in the same order."""
+        if jwt_keys is None:
+            jwt_keys = self._snapshot.jwt_keys
+        if roots == self._snapshot.roots and jwt_keys == self._snapshot.jwt_keys:
             return self._snapshot
         if sequence is None or sequence <= self._snapshot.sequence:
             sequence = self._snapshot.sequence + 1
         self._snapshot = BundleSnapshot(
-            self._snapshot.trust_domain, roots, sequence, self._snapshot.crls
+            self._snapshot.trust_domain, roots, sequence, jwt_keys, self._snapshot.crls
         )
         self._wake()
         return self._snapshot
 
     def publish_crls(self, crls: tuple[bytes, ...]) -> BundleSnapshot:
-        """Replace the CRLs (same roots and sequence); a no-op when they are the same."""
+        """Replace the CRLs (same roots, keys and sequence); a no-op when they are the same."""
         if crls == self._snapshot.crls:
             return self._snapshot
         self._snapshot = replace(self._snapshot, crls=crls)

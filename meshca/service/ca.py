@@ -53,6 +53,8 @@ __all__ = [
     "LinkerdDoor",
     "SignRequest",
     "SignedCertificate",
+    "attest_bearer",
+    "identity_fields",
     "rate_limit_key",
 ]
 
@@ -211,7 +213,7 @@ class CertificateService:
             not_after=issued.not_after,
             peer=request.peer,
             csr_sha256=issued.csr.sha256,
-            **_identity_fields(identity),
+            **identity_fields(identity),
         )
         try:
             await self._audit.append(record)
@@ -263,21 +265,8 @@ class CertificateService:
     async def _attest(
         self, request: SignRequest, door: LinkerdDoor | None = None
     ) -> KubernetesIdentity:
-        if request.token_problem is not None:
-            raise request.token_problem
-        token = request.token
-        if not token:
-            raise AuthenticationFailed(
-                "no bearer token: send 'authorization: Bearer <service-account token>'",
-                reason="token-missing",
-            )
-        if len(token) > MAX_TOKEN_BYTES:
-            raise RequestTooLarge(
-                f"token is {len(token)} bytes; the limit is {MAX_TOKEN_BYTES}",
-                reason="token-too-large",
-            )
         attestor = self._attestor if door is None else door.attestor
-        return await attestor.attest(token)
+        return await attest_bearer(attestor, request.token, request.token_problem)
 
     def _limit(self, request: SignRequest, identity: KubernetesIdentity, now: datetime) -> None:
         assert self._limiter is not None
@@ -349,7 +338,7 @@ class CertificateService:
             detail=error.message[:1000],
             spiffe_id=str(context.spiffe_id) if context.spiffe_id else None,
             peer=request.peer,
-            **_identity_fields(context.identity),
+            **identity_fields(context.identity),
         )
         try:
             await self._audit.append(record)
@@ -367,6 +356,25 @@ class CertificateService:
             self._on_outcome(record, self._clock.now() - started)
         except Exception:
             log.exception("an outcome observer failed")
+
+
+async def attest_bearer(
+    attestor: Attestor, token: str | None, token_problem: AuthenticationFailed | None
+) -> KubernetesIdentity:
+    """Who the bearer token proves the caller is; the same checks on every door."""
+    if token_problem is not None:
+        raise token_problem
+    if not token:
+        raise AuthenticationFailed(
+            "no bearer token: send 'authorization: Bearer <service-account token>'",
+            reason="token-missing",
+        )
+    if len(token) > MAX_TOKEN_BYTES:
+        raise RequestTooLarge(
+            f"token is {len(token)} bytes; the limit is {MAX_TOKEN_BYTES}",
+            reason="token-too-large",
+        )
+    return await attestor.attest(token)
 
 
 def rate_limit_key(identity: KubernetesIdentity, token: str) -> str:
@@ -405,7 +413,7 @@ class _RefusalContext:
         self.spiffe_id: SpiffeId | None = None
 
 
-def _identity_fields(identity: KubernetesIdentity | None) -> dict[str, Any]:
+def identity_fields(identity: KubernetesIdentity | None) -> dict[str, Any]:
     if identity is None:
         return {}
     return {

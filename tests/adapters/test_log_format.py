@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshca.adapters.event_log import EVENT_ISSUED, EVENT_REFUSED, OutcomeLog
+from meshca.adapters.event_log import EVENT_ISSUED, EVENT_JWT_ISSUED, EVENT_REFUSED, OutcomeLog
 from meshca.adapters.log_format import (
     STABLE_KEYS,
     JsonFormatter,
@@ -227,6 +227,33 @@ def test_an_issued_certificate_is_one_info_event(events: tuple[OutcomeLog, io.St
     assert (line["serial"], line["reason"], line["peer"]) == ("abc", "ok", "ipv4:127.0.0.1:1")
     assert line["api"] == "istio.v1.auth.CreateCertificate"
     assert line["duration_ms"] == 2.5
+
+
+def test_an_issued_jwt_svid_is_its_own_event() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("meshca.test.jwt-events")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        OutcomeLog(logger, jwt_svids=True)(
+            AuditRecord(
+                time=NOW,
+                outcome=Outcome.ISSUED,
+                api="meshca.v1.SignJwtSvid",
+                reason="ok",
+                spiffe_id="spiffe://example.org/ns/a/sa/b",
+                serial="41a2",
+            ),
+            timedelta(milliseconds=1),
+        )
+    finally:
+        logger.removeHandler(handler)
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == EVENT_JWT_ISSUED and line["message"] == "JWT-SVID issued"
+    assert line["serial"] == "41a2"
 
 
 def test_a_refusal_is_a_warning_with_its_reason(events: tuple[OutcomeLog, io.StringIO]) -> None:

@@ -27,6 +27,7 @@ from spiffe import SpiffeId, TrustDomain, WorkloadApiClient, X509Bundle, X509Sou
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from meshca.cli.ca_cmd import load_bundle
+from meshca.core.callers import CALLERS, Access
 from tests.integration.agent_harness import (
     AgentProcess,
     launch_agent,
@@ -577,3 +578,37 @@ async def test_spiffe_tls_mtls_between_two_agents_survives_root_rotation(
             await asyncio.to_thread(source.close)
         for agent in (web, api):
             await asyncio.to_thread(agent.stop)
+
+
+async def test_the_socket_rows_of_the_callers_table_hold(agent: AgentProcess) -> None:
+    """The agent's rows in ``core.callers``: the socket's file mode is the credential,
+    and a Workload API call without ``workload.spiffe.io: true`` is refused while one
+    with it (and an SDS call, which takes no header) is served."""
+    rows = {row.api: row for row in CALLERS if row.access is Access.LOCAL_SOCKET}
+    assert set(rows) == {"agent Workload API", "agent SDS"}
+    assert stat.S_IMODE(agent.socket.stat().st_mode) == 0o600
+
+    def codes() -> tuple[grpc.StatusCode, grpc.StatusCode, str]:
+        with grpc.insecure_channel(f"unix:{agent.socket}") as channel:
+            stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(channel)
+            try:
+                next(stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), timeout=5))
+                refused = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                refused = exc.code()
+            good = (("workload.spiffe.io", "true"),)
+            bundles = next(
+                stub.FetchX509Bundles(workload_pb2.X509BundlesRequest(), metadata=good, timeout=5)
+            )
+            served = grpc.StatusCode.OK if bundles.bundles else grpc.StatusCode.UNKNOWN
+            sds = sds_pb2_grpc.SecretDiscoveryServiceStub(channel)
+            secrets = sds.FetchSecrets(
+                discovery_pb2.DiscoveryRequest(resource_names=["ROOTCA"], type_url=SECRET_TYPE),
+                timeout=5,
+            )
+            return refused, served, secrets.resources[0].type_url
+
+    refused, served, secret_type = await asyncio.to_thread(codes)
+    assert refused == grpc.StatusCode.INVALID_ARGUMENT
+    assert served == grpc.StatusCode.OK
+    assert secret_type == SECRET_TYPE

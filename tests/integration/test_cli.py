@@ -174,7 +174,7 @@ def test_dev_mode_shows_a_certificate_and_stops_cleanly(tmp_path: Path) -> None:
             process.send_signal(signal.SIGINT)
             assert process.wait(timeout=20) == 0
     keys = list((tmp_path / "dev" / "ca" / "keys").glob("*.key"))
-    assert len(keys) == 2  # the root's and the intermediate's
+    assert len(keys) == 3  # the root's, the intermediate's and the JWT-SVID key
     assert all(k.stat().st_mode & 0o777 == 0o600 for k in keys)
     assert (tmp_path / "dev").stat().st_mode & 0o077 == 0
 

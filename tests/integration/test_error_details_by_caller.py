@@ -16,6 +16,10 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from meshca.adapters.grpc._gen.io.linkerd.proxy.identity import (
+    identity_pb2,
+    identity_pb2_grpc,
+)
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import (
@@ -23,11 +27,13 @@ from meshca.adapters.grpc._gen.meshca.v1 import (
     audit_pb2_grpc,
     ca_pb2,
     ca_pb2_grpc,
+    jwt_pb2,
+    jwt_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
 from meshca.adapters.grpc.errors import MAX_DETAIL_CHARS
-from meshca.core.callers import CALLERS
+from meshca.core.callers import CALLERS, Access
 from tests.integration.server_harness import RunningServer
 from tests.integration.test_ext_authz import BACKEND, FRONTEND, check_request
 from tests.integration.test_policy_port import (
@@ -105,6 +111,7 @@ async def test_no_error_of_any_api_echoes_a_secret_a_large_input_or_the_policy_s
     ca = ca_pb2_grpc.CertificateServiceStub(main)
     istio = istio_grpc.IstioCertificateServiceStub(main)
     audit = audit_pb2_grpc.AuditServiceStub(main)
+    jwt_svid = jwt_pb2_grpc.JwtSvidServiceStub(main)
     check = check_request(FRONTEND, BACKEND, "GET", "/admin/" + LARGE, cookie=SECRET)
     explain = policy_pb2.PolicyCheckRequest(
         source_principal=FRONTEND, destination_principal=BACKEND, method="GET", path="/admin"
@@ -131,6 +138,28 @@ async def test_no_error_of_any_api_echoes_a_secret_a_large_input_or_the_policy_s
             ),
             lambda: istio.CreateCertificate(
                 istio_pb2.IstioCertificateRequest(csr=HUGE_SECRET), metadata=_bearer(good_token)
+            ),
+        ],
+        "io.linkerd.proxy.identity.Identity/Certify": [
+            lambda: identity_pb2_grpc.IdentityStub(main).Certify(
+                identity_pb2.CertifyRequest(
+                    identity=SECRET, token=FORGED.encode(), certificate_signing_request=CSR_BODY
+                )
+            ),
+        ],
+        "meshca.v1.JwtSvidService/SignJwtSvid": [
+            lambda: jwt_svid.SignJwtSvid(
+                jwt_pb2.SignJwtSvidRequest(audiences=[SECRET]), metadata=_bearer(FORGED)
+            ),
+            lambda: jwt_svid.SignJwtSvid(
+                jwt_pb2.SignJwtSvidRequest(audiences=[LARGE]), metadata=_bearer(good_token)
+            ),
+            lambda: jwt_svid.SignJwtSvid(
+                jwt_pb2.SignJwtSvidRequest(audiences=["a"], spiffe_id=HUGE_SECRET[:4000]),
+                metadata=_bearer(good_token),
+            ),
+            lambda: jwt_svid.SignJwtSvid(
+                jwt_pb2.SignJwtSvidRequest(audiences=["a"]), metadata=_bearer(HUGE_SECRET)
             ),
         ],
         "meshca.v1.CertificateService/GetTrustBundle": [
@@ -224,7 +253,14 @@ async def test_no_error_of_any_api_echoes_a_secret_a_large_input_or_the_policy_s
             ),
         ],
     }
-    grpc_methods = {m for row in CALLERS for m in row.methods if "/" in m and " " not in m}
+    # The agent's socket (local, no secrets sent in) has its hostile input in test_agent.py.
+    grpc_methods = {
+        m
+        for row in CALLERS
+        if row.access is not Access.LOCAL_SOCKET
+        for m in row.methods
+        if "/" in m and " " not in m
+    }
     assert set(calls) == grpc_methods, "a method of the table has no hostile-input case"
 
     policy_names = _policy_names()

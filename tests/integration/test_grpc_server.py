@@ -149,7 +149,9 @@ async def test_trust_bundle_get_and_watch(server: RunningServer) -> None:
         first = await asyncio.wait_for(stream.read(), 5)
         stream.cancel()
     assert bundle.trust_domain == "example.org"
-    assert bundle.roots == first.roots and first.sequence == bundle.sequence == 1
+    # Version 1 held the first root; version 2 added the first JWT-SVID key.
+    assert bundle.roots == first.roots and first.sequence == bundle.sequence == 2
+    assert bundle.jwt_bundle == first.jwt_bundle and b'"use": "jwt-svid"' in bundle.jwt_bundle
     assert bundle.roots[0].encode() == server.roots_pem
 
 

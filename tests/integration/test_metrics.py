@@ -265,7 +265,7 @@ async def test_serve_sums_every_worker_process(served: Served) -> None:
     assert value(after, "meshca_log_tree_size") == issued
     not_after = series(after, "meshca_authority_not_after_timestamp_seconds")
     active = {dict(labels)["role"] for labels in not_after if dict(labels)["state"] == "active"}
-    assert active == {"root", "intermediate"}
+    assert active == {"root", "intermediate", "jwt-key"}
     now = datetime.now(UTC).timestamp()
     assert all(v > now for v in not_after.values())
     # A scrape is quick whatever the workers are doing (it reads files, not workers).

@@ -24,6 +24,10 @@ from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from meshca.adapters.grpc._gen.io.linkerd.proxy.identity import (
+    identity_pb2,
+    identity_pb2_grpc,
+)
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import (
@@ -31,6 +35,8 @@ from meshca.adapters.grpc._gen.meshca.v1 import (
     audit_pb2_grpc,
     ca_pb2,
     ca_pb2_grpc,
+    jwt_pb2,
+    jwt_pb2_grpc,
     policy_pb2,
     policy_pb2_grpc,
 )
@@ -38,7 +44,7 @@ from meshca.adapters.storage.audit_query import SqlAuditReader
 from meshca.adapters.storage.engine import make_engine
 from meshca.cli.ca_cmd import load_bundle
 from meshca.core.audit import AuditQuery, Outcome
-from meshca.core.callers import CALLERS
+from meshca.core.callers import CALLERS, Access
 from meshca.core.csr import CsrRequest
 from meshca.core.issuance import issue_leaf
 from meshca.core.spiffe import SpiffeId
@@ -52,6 +58,7 @@ from tests.integration.server_harness import (
 )
 from tests.integration.test_audit_api import _foreign_auditor, _issue
 from tests.integration.test_ext_authz import BACKEND, FRONTEND, check_request
+from tests.integration.test_linkerd import LINKERD_AUDIENCE, proxy_csr
 from tests.integration.test_rotation_server import FAST, _ca
 
 pytestmark = pytest.mark.integration
@@ -91,6 +98,7 @@ async def full_server(tmp_path: Path) -> AsyncIterator[RunningServer]:
         audit_token_file=_token_file(tmp_path, "audit-token", AUDIT_TOKEN),
         audit_listen="127.0.0.1:0",
         bundle_endpoint="127.0.0.1:0",
+        linkerd_certify=True,
     ):
         yield running
 
@@ -207,6 +215,35 @@ async def test_every_row_refuses_a_caller_without_its_credential_and_serves_one_
             token = _bearer(server.minter.mint("shop", "cart"))
             assert (await sign(ca_pb2.SignRequest(csr=csr_pem()), metadata=token)).certificate
 
+    async def jwt_svid() -> None:
+        async with server.channel() as channel:
+            stub = jwt_pb2_grpc.JwtSvidServiceStub(channel)
+            request = jwt_pb2.SignJwtSvidRequest(audiences=["https://db.example.org"])
+            assert await _code(stub.SignJwtSvid(request, timeout=10)) == (
+                grpc.StatusCode.UNAUTHENTICATED
+            )
+            token = _bearer(server.minter.mint("shop", "cart"))
+            assert (await stub.SignJwtSvid(request, metadata=token, timeout=10)).token
+
+    async def linkerd_certify() -> None:
+        name = "cart.shop.serviceaccount.identity.linkerd.cluster.local"
+        csr = proxy_csr(x509.DNSName(name))
+        async with server.channel() as channel:
+            certify = identity_pb2_grpc.IdentityStub(channel).Certify
+            # Linkerd's contract: no or a wrong-audience token is INVALID_ARGUMENT.
+            for token in (b"", server.minter.mint("shop", "cart").encode()):
+                request = identity_pb2.CertifyRequest(
+                    identity=name, token=token, certificate_signing_request=csr
+                )
+                assert await _code(certify(request, timeout=10)) == (
+                    grpc.StatusCode.INVALID_ARGUMENT
+                )
+            token = server.minter.mint("shop", "cart", aud=[LINKERD_AUDIENCE]).encode()
+            request = identity_pb2.CertifyRequest(
+                identity=name, token=token, certificate_signing_request=csr
+            )
+            assert (await certify(request, timeout=10)).leaf_certificate
+
     async def trust_bundle() -> None:
         async with server.channel() as channel:
             bundle = await ca_pb2_grpc.CertificateServiceStub(channel).GetTrustBundle(
@@ -293,6 +330,8 @@ async def test_every_row_refuses_a_caller_without_its_credential_and_serves_one_
 
     checks: dict[str, Callable[[], Awaitable[None]]] = {
         "CA Sign / CreateCertificate": workload_token,
+        "JWT-SVID": jwt_svid,
+        "Linkerd Certify": linkerd_certify,
         "trust bundle": trust_bundle,
         "Envoy ext_authz": ext_authz,
         "PolicyService": policy_service,
@@ -300,8 +339,10 @@ async def test_every_row_refuses_a_caller_without_its_credential_and_serves_one_
         "health": health,
         "reflection": reflection,
     }
-    assert set(checks) == {row.api for row in CALLERS}, "a row of the table has no test"
-    for row in CALLERS:
+    # The agent's socket rows are checked against a real agent, in test_agent.py.
+    served_here = [row for row in CALLERS if row.access is not Access.LOCAL_SOCKET]
+    assert set(checks) == {row.api for row in served_here}, "a row of the table has no test"
+    for row in served_here:
         await checks[row.api]()
 
     # Each refusal by the policy guard is in the issuance record, with its reason.

@@ -107,15 +107,17 @@ async def test_root_rotation_reaches_watchers_istio_and_the_bundle_endpoint(
     assert chain[-1] == first_roots[0]
     assert server.worker.bundle_port is not None
     document = await asyncio.to_thread(_fetch_spiffe_bundle, server.worker.bundle_port, first_roots)
-    assert document["spiffe_sequence"] == 1
-    (jwk,) = document["keys"]  # type: ignore[misc]
+    # Version 1 held the first root; version 2 added the first JWT-SVID key.
+    assert document["spiffe_sequence"] == 2
+    jwk, jwt_key = document["keys"]  # type: ignore[misc]
     assert jwk["use"] == "x509-svid" and jwk["kty"] == "EC" and len(jwk["x5c"]) == 1
+    assert jwt_key["use"] == "jwt-svid" and jwt_key["kid"] and "x5c" not in jwt_key
 
     async with server.channel() as channel:
         stub = ca_pb2_grpc.CertificateServiceStub(channel)
         stream = stub.WatchTrustBundle(ca_pb2.WatchTrustBundleRequest())
         first = await stream.read()
-        assert first.sequence == 1 and len(first.roots) == 1
+        assert first.sequence == 2 and len(first.roots) == 1
 
         code, out, err = await asyncio.to_thread(_ca, server, "rotate", "--root")
         assert code == 0, err
@@ -143,8 +145,9 @@ async def test_root_rotation_reaches_watchers_istio_and_the_bundle_endpoint(
     verifier.verify(chain[0], chain[1:-1])
 
     document = await asyncio.to_thread(_fetch_spiffe_bundle, server.worker.bundle_port, roots)
-    assert len(document["keys"]) == 2  # type: ignore[arg-type]
-    assert int(document["spiffe_sequence"]) >= 3  # type: ignore[call-overload]
+    uses = [k["use"] for k in document["keys"]]  # type: ignore[attr-defined]
+    assert uses == ["x509-svid", "x509-svid", "jwt-svid"]
+    assert int(document["spiffe_sequence"]) >= 4  # type: ignore[call-overload]
 
     code, out, _err = await asyncio.to_thread(_ca, server, "status")
     assert code == 0
@@ -164,7 +167,8 @@ async def test_spiffe_format_of_ca_bundle(server: RunningServer) -> None:
     assert code == 0
     document = json.loads(out.getvalue())
     assert document["spiffe_refresh_hint"] == 300 and document["spiffe_sequence"] == 1
-    assert [k["use"] for k in document["keys"]] == ["x509-svid"]
+    assert [k["use"] for k in document["keys"]] == ["x509-svid", "jwt-svid"]
+    assert document["keys"][1]["kid"] == server.worker.authorities.jwt_signer().kid
 
 
 def _org_root(n: int, ttl: timedelta = timedelta(days=3650)) -> tuple[x509.Certificate, object]:

@@ -331,7 +331,8 @@ async def test_ten_thousand_trust_bundle_watchers_without_a_thread_each(
     served: ServeProcess,
 ) -> None:
     """10,000 watchers get the bundle; with all of them connected the CA still issues, and
-    a root rotation made by the CLI reaches every one of them as sequence 2."""
+    a root rotation made by the CLI reaches every one of them as sequence 3 (version 2
+    added the first JWT-SVID key)."""
     first_roots = load_bundle(served.data_dir)
     first_pems = [r.public_bytes(Encoding.PEM).decode() for r in first_roots]
     assert len(first_pems) == 1
@@ -339,7 +340,7 @@ async def test_ten_thousand_trust_bundle_watchers_without_a_thread_each(
     started = time.monotonic()
 
     def check_initial(bundle: Any) -> None:
-        assert bundle.sequence == 1 and list(bundle.roots) == first_pems
+        assert bundle.sequence == 2 and list(bundle.roots) == first_pems
         assert bundle.trust_domain == TRUST_DOMAIN
 
     async with Streams(served) as streams:
@@ -397,7 +398,7 @@ async def test_ten_thousand_trust_bundle_watchers_without_a_thread_each(
             updates = await asyncio.wait_for(asyncio.gather(*(c.read() for c in calls)), 60)
             propagated = time.monotonic() - rotated
             assert len(updates) == STREAMS
-            assert {u.sequence for u in updates} == {2}
+            assert {u.sequence for u in updates} == {3}
             assert all(list(u.roots) == new_pems for u in updates)
             # Still all open after the update, and still no thread per watcher.
             assert not any(c.done() for c in calls)

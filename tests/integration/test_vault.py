@@ -78,8 +78,10 @@ async def test_upstream_intermediate_is_signed_by_vault_and_chains_to_its_root(
         assert chain[-1] == vault_root
         assert load_bundle(server.settings.data_dir) == (vault_root,)
         _verify(chain, (vault_root,))
-        # The intermediate's key is meshca's (a file); the root's never was.
-        assert len(list((server.settings.data_dir / "ca" / "keys").glob("*.key"))) == 1
+        # The intermediate's key is meshca's (a file); the root's never was. (The other
+        # file is the JWT-SVID signing key's.)
+        assert len(list((server.settings.data_dir / "ca" / "keys").glob("intermediate-*.key"))) == 1
+        assert len(list((server.settings.data_dir / "ca" / "keys").glob("*.key"))) == 2
         code = meshca_main(
             [
                 "ca",

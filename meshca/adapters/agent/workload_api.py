@@ -27,11 +27,19 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 from meshca.core.agent import svid_usable
 from meshca.service.agent import AgentSnapshot, AgentState
 
-__all__ = ["SERVICE_NAME", "WorkloadApiServicer", "add_workload_api", "has_workload_header"]
+__all__ = [
+    "SERVICE_NAME",
+    "WIT_METHODS",
+    "WorkloadApiServicer",
+    "add_workload_api",
+    "has_workload_header",
+]
 
 log = logging.getLogger("meshca.agent.workload_api")
 
 SERVICE_NAME = "SpiffeWorkloadAPI"
+#: Newer than py-spiffe's generated stubs: registered by name, answered UNIMPLEMENTED.
+WIT_METHODS = ("FetchWITSVID", "FetchWITBundles")
 HEADER = "workload.spiffe.io"
 JWT_LATER = (
     "JWT-SVIDs are not served by this meshca agent yet (issue 11, part 2): "
@@ -151,8 +159,5 @@ async def _wit(request: bytes, context: Context) -> None:
 def add_workload_api(server: grpc.aio.Server, state: AgentState) -> None:
     """Register the Workload API (and the WIT refusals) on ``server``."""
     workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadApiServicer(state), server)
-    wit = {
-        name: grpc.unary_unary_rpc_method_handler(_wit)
-        for name in ("FetchWITSVID", "FetchWITBundles")
-    }
+    wit = {name: grpc.unary_unary_rpc_method_handler(_wit) for name in WIT_METHODS}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, wit),))

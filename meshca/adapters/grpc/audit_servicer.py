@@ -14,7 +14,7 @@ from meshca.adapters.grpc.audit_convert import (
     head_to_proto,
     query_from_proto,
 )
-from meshca.adapters.grpc.metadata import bearer_token, peer_spiffe_id
+from meshca.adapters.grpc.metadata import bearer_token, peer_certificate, peer_spiffe_id
 from meshca.core.log import LogState
 from meshca.service.audit import AuditCaller, AuditService
 
@@ -24,7 +24,15 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
 
 def caller_of(context: Context) -> AuditCaller:
-    return AuditCaller(spiffe_id=peer_spiffe_id(context), token=bearer_token(context))
+    certificate = peer_certificate(context)
+    if certificate is None:
+        return AuditCaller(token=bearer_token(context))
+    return AuditCaller(
+        spiffe_id=certificate.spiffe_id,
+        token=bearer_token(context),
+        serial=certificate.serial,
+        key_sha256=certificate.key_sha256,
+    )
 
 
 def _oneof(request: Any, name: str) -> dict[str, Any]:

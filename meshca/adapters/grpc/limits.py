@@ -24,12 +24,19 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 
 from meshca.adapters.grpc._gen.io.linkerd.proxy.identity import identity_pb2_grpc
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
-from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2_grpc, ca_pb2_grpc, policy_pb2_grpc
+from meshca.adapters.grpc._gen.meshca.v1 import (
+    audit_pb2_grpc,
+    ca_pb2_grpc,
+    jwt_pb2_grpc,
+    policy_pb2_grpc,
+)
 from meshca.adapters.grpc.ca_servicer import API_ISTIO, API_MESHCA
+from meshca.adapters.grpc.jwt_servicer import API_JWT_SVID
 from meshca.adapters.grpc.linkerd_servicer import API_LINKERD
 from meshca.adapters.grpc.metadata import peer_address
 from meshca.core.errors import LimitExceeded, MeshcaError, RequestTooLarge, TooManyCalls
 from meshca.service.ca import CertificateService
+from meshca.service.jwt_svid import JwtSvidService
 
 __all__ = [
     "DEFAULT_API_CAPS",
@@ -70,6 +77,9 @@ class ApiCaps:
     #: Linkerd's Certify: as the CA's, but the token rides in the request (up to
     #: MAX_TOKEN_BYTES, 16 KiB) beside a DER CSR.
     linkerd: ApiCap = ApiCap(16_384, 32 * 1024)
+    #: SignJwtSvid: signing is as cheap as a certificate's. At most 16 audiences of 255
+    #: bytes and a 2 KiB SPIFFE ID make ~6 KiB; 16 KiB leaves room and stops the rest.
+    jwt_svid: ApiCap = ApiCap(16_384, 16 * 1024)
     #: GetTrustBundle: a cached message, answered in microseconds; its request is empty.
     bundle: ApiCap = ApiCap(16_384, 1024)
     #: WatchTrustBundle streams: one per meshca client; tested at 10,000 in one burst
@@ -101,6 +111,8 @@ def api_of(servicer: object, method: str) -> str | None:
         return "ca"
     if isinstance(servicer, identity_pb2_grpc.IdentityServicer):
         return "linkerd"
+    if isinstance(servicer, jwt_pb2_grpc.JwtSvidServiceServicer):
+        return "jwt_svid"
     if isinstance(servicer, external_auth_pb2_grpc.AuthorizationServicer):
         return "ext_authz"
     if isinstance(servicer, policy_pb2_grpc.PolicyServiceServicer):
@@ -180,12 +192,15 @@ class CallLimits:
         return 0 if count is None else count.in_flight
 
 
-def record_ca_refusals(ca: CertificateService) -> RefusalHook:
-    """A recorder that writes the CA APIs' refusals to the issuance record."""
+def record_ca_refusals(ca: CertificateService, jwt: JwtSvidService | None = None) -> RefusalHook:
+    """A recorder that writes the CA APIs' refusals (and, with ``jwt``, SignJwtSvid's) to
+    the issuance record."""
     apis = {"Sign": API_MESHCA, "CreateCertificate": API_ISTIO, "Certify": API_LINKERD}
 
     async def record(api: str, method: str, context: Any, error: MeshcaError) -> None:
         if api in ("ca", "linkerd") and method in apis:
             await ca.record_refusal(apis[method], peer_address(context), error)
+        elif api == "jwt_svid" and jwt is not None:
+            await jwt.record_refusal(API_JWT_SVID, peer_address(context), error)
 
     return record

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from meshca.adapters.grpc import ext_authz, linkerd_servicer, policy_servicer
+from meshca.adapters.grpc import ext_authz, jwt_servicer, linkerd_servicer, policy_servicer
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2 as istio_pb2
 from meshca.adapters.grpc._gen.istio.v1.auth import ca_pb2_grpc as istio_grpc
 from meshca.adapters.grpc._gen.meshca.v1 import audit_pb2, audit_pb2_grpc, ca_pb2, ca_pb2_grpc
@@ -26,6 +26,7 @@ from meshca.service.access import CallerGuard
 from meshca.service.authz import AuthorizationService
 from meshca.service.bundle import TrustBundleService
 from meshca.service.ca import CertificateService
+from meshca.service.jwt_svid import JwtSvidService
 
 __all__ = [
     "AUDIT_SERVICE_NAME",
@@ -176,6 +177,7 @@ def build_server(
     policy_guard: CallerGuard | None = None,
     reflection_on: bool = True,
     linkerd: bool = False,
+    jwt: JwtSvidService | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Build (not start) the server; returns it, the bound port and the health servicer.
 
@@ -188,7 +190,7 @@ def build_server(
     services have a port and server of their own (``policy_port``). Every service but
     health comes through ``gate`` (see ``gate.CallGate``). ``reflection_on``: False for
     ``--no-reflection``. With ``linkerd``, Linkerd's identity API is served too (``ca``
-    must have a ``LinkerdDoor``).
+    must have a ``LinkerdDoor``); with ``jwt``, ``meshca.v1.JwtSvidService``.
     """
     if authz is not None and policy_guard is None:
         raise ValueError("the policy services need a caller guard")
@@ -207,6 +209,8 @@ def build_server(
         audit_pb2_grpc.add_AuditServiceServicer_to_server(error_mapped(audit, gate), server)
     if linkerd:
         linkerd_servicer.add_to_server(ca, server, gate)
+    if jwt is not None:
+        jwt_servicer.add_to_server(jwt, server, gate)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_on:
@@ -216,6 +220,7 @@ def build_server(
                 *(POLICY_SERVICE_NAMES if authz is not None else ()),
                 *((AUDIT_SERVICE_NAME,) if audit is not None else ()),
                 *((linkerd_servicer.SERVICE_NAME,) if linkerd else ()),
+                *((jwt_servicer.SERVICE_NAME,) if jwt is not None else ()),
             ),
             server,
         )

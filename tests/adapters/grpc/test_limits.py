@@ -21,6 +21,7 @@ from meshca.adapters.grpc.ca_servicer import CertificateServicer, IstioCertifica
 from meshca.adapters.grpc.errors import error_mapped
 from meshca.adapters.grpc.ext_authz import ExtAuthzServicer
 from meshca.adapters.grpc.gate import CallGate
+from meshca.adapters.grpc.jwt_servicer import JwtSvidServicer
 from meshca.adapters.grpc.limits import ApiCap, ApiCaps, CallLimits, api_of
 from meshca.adapters.grpc.policy_servicer import PolicyServicer
 from meshca.core import errors
@@ -42,6 +43,7 @@ TIGHT = ApiCaps(
         pytest.param(PolicyServicer, "Check", "policy", id="ok/policy-check"),
         pytest.param(PolicyServicer, "Explain", "policy", id="ok/policy-explain"),
         pytest.param(AuditServicer, "Export", "audit", id="ok/audit"),
+        pytest.param(JwtSvidServicer, "SignJwtSvid", "jwt_svid", id="ok/jwt-svid"),
         pytest.param(object, "Check", None, id="ok/unknown-servicer"),
     ],
 )

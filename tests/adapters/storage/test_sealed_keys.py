@@ -187,13 +187,13 @@ def test_reseal_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         k8s_issuer="https://issuer.test",
         key_encryption_key_file=old,
     )
-    app.prepare(settings)  # a root, an intermediate and the log key, sealed under KEK
+    app.prepare(settings)  # root, intermediate, JWT-SVID and log keys, sealed
     both = tmp_path / "both"
     both.write_text(f"{_b64(bytes(32))}\n{_b64(bytes(range(32)))}\n")
     flags = ["--data-dir", str(settings.data_dir), "--key-encryption-key-file"]
 
     assert meshca_main(["ca", "reseal-keys", *flags, str(both)]) == 0
-    assert f"re-sealed 3 keys under key-encryption key {OTHER_KEK.id}; 0 already were" in (
+    assert f"re-sealed 4 keys under key-encryption key {OTHER_KEK.id}; 0 already were" in (
         capsys.readouterr().out
     )
     assert meshca_main(["ca", "status", *flags, str(old)]) != 0
