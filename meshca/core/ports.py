@@ -37,6 +37,7 @@ __all__ = [
     "OutcomeObserver",
     "RecordWriterStatus",
     "SignedIntermediate",
+    "TaintJournal",
     "UpstreamAuthority",
     "UpstreamRoot",
 ]
@@ -156,6 +157,18 @@ class KeyInventory(Protocol):
     """Optional: lists stored keys, so keys no journal entry names can be cleaned up."""
 
     def key_refs(self) -> Sequence[str]: ...
+
+
+@runtime_checkable
+class TaintJournal(Protocol):
+    """Optional: marks an authority tainted, with its issuance-log record, atomically."""
+
+    def taint(self, entry_id: str, at: datetime, record: AuditRecord) -> int:
+        """Set ``tainted_at`` and append ``record`` in one transaction; its leaf index.
+
+        ``JournalConflict`` if the entry is unknown, removed or already tainted.
+        """
+        ...
 
 
 class KeyImporter(Protocol):

@@ -23,6 +23,9 @@ class BundleSnapshot:
     trust_domain: TrustDomain
     roots: tuple[x509.Certificate, ...]
     sequence: int
+    #: SHA-256 fingerprints (hex) of tainted authorities: a workload whose certificate
+    #: chains through one of them should renew now (``meshca ca taint``).
+    tainted: tuple[str, ...] = ()
 
     @cached_property
     def roots_pems(self) -> tuple[str, ...]:
@@ -30,29 +33,37 @@ class BundleSnapshot:
         return tuple(c.public_bytes(Encoding.PEM).decode() for c in self.roots)
 
 
-
 class TrustBundleService:
     """Holds the current bundle and wakes every watcher when it changes."""
 
     def __init__(
-        self, trust_domain: TrustDomain, roots: tuple[x509.Certificate, ...], sequence: int = 1
+        self,
+        trust_domain: TrustDomain,
+        roots: tuple[x509.Certificate, ...],
+        sequence: int = 1,
+        tainted: tuple[str, ...] = (),
     ) -> None:
-        self._snapshot = BundleSnapshot(trust_domain, roots, sequence)
+        self._snapshot = BundleSnapshot(trust_domain, roots, sequence, tainted)
         self._changed = asyncio.Event()
 
     def current(self) -> BundleSnapshot:
         return self._snapshot
 
     def publish(
-        self, roots: tuple[x509.Certificate, ...], sequence: int | None = None
+        self,
+        roots: tuple[x509.Certificate, ...],
+        sequence: int | None = None,
+        tainted: tuple[str, ...] | None = None,
     ) -> BundleSnapshot:
-        """Replace the roots, as version ``sequence`` (default: the next one); a no-op when
-        they are the same certificates in the same order."""
-        if roots == self._snapshot.roots:
+        """Replace the roots (and tainted fingerprints), as version ``sequence`` (default:
+        the next one); a no-op when nothing changed."""
+        if tainted is None:
+            tainted = self._snapshot.tainted
+        if roots == self._snapshot.roots and tainted == self._snapshot.tainted:
             return self._snapshot
         if sequence is None or sequence <= self._snapshot.sequence:
             sequence = self._snapshot.sequence + 1
-        self._snapshot = BundleSnapshot(self._snapshot.trust_domain, roots, sequence)
+        self._snapshot = BundleSnapshot(self._snapshot.trust_domain, roots, sequence, tainted)
         # Wake current watchers, then arm a fresh event for the next change.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

@@ -33,6 +33,7 @@ def _to_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
         trust_domain=snapshot.trust_domain.name,
         roots=snapshot.roots_pems,
         sequence=snapshot.sequence,
+        tainted=snapshot.tainted,
     )
 
 

@@ -43,11 +43,13 @@ class WatchTrustBundleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrustBundle(_message.Message):
-    __slots__ = ("trust_domain", "roots", "sequence")
+    __slots__ = ("trust_domain", "roots", "sequence", "tainted")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TAINTED_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     roots: _containers.RepeatedScalarFieldContainer[str]
     sequence: int
-    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ...) -> None: ...
+    tainted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., tainted: _Optional[_Iterable[str]] = ...) -> None: ...
