@@ -25,12 +25,12 @@ from meshca.core.taint import (
 )
 from tests.core.test_rotation import (
     ACTIVE,
-    H,
     POLICY,
     PREPARED,
     REMOVED,
     RETIRED,
     T0,
+    H,
     intermediate,
     root,
     rules,
@@ -86,7 +86,7 @@ def test_resolve_refuses_an_ambiguous_prefix() -> None:
     authorities = AuthoritySet(tuple(entries))
     firsts = [e.fingerprint[0] for e in entries]
     shared = next(d for d in firsts if firsts.count(d) > 1)
-    with pytest.raises(InvalidRequest, match="names [0-9]+ authorities") as raised:
+    with pytest.raises(InvalidRequest, match=r"names [0-9]+ authorities") as raised:
         resolve(authorities, shared, min_length=1)
     assert raised.value.reason == "ambiguous-fingerprint"
 
