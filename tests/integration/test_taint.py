@@ -138,7 +138,7 @@ async def test_intermediate_taint_under_load_moves_every_agent_with_no_failed_ve
     records = await asyncio.to_thread(_audit, server)
     taints = [r for r in records if r["api"] == "taint"]
     assert len(taints) == 1 and taints[0]["reason"] == "taint-intermediate"
-    assert "by sec; reason: laptop stolen" in taints[0]["detail"]
+    assert "by sec; reason: key on a stolen laptop" in taints[0]["detail"]
     await asyncio.sleep(1.5)
     code, output = await asyncio.to_thread(
         audit_verify, "--data-dir", str(server.settings.data_dir)
