@@ -7,6 +7,9 @@
   set of agents that, holding the bundle they had at the switch, refuse a peer with a
   certificate under the successor root; once agents follow the bundle, none fail.
 
+- A real ``meshca serve`` with two workers: within one poll every worker signs with the
+  successor and its bundle lists the tainted fingerprint.
+
 Both taints are records of the issuance log, and ``meshca audit verify`` passes.
 """
 
@@ -255,3 +258,88 @@ async def test_root_taint_with_emergency_predicts_exactly_the_peers_that_fail(
         audit_verify, "--data-dir", str(server.settings.data_dir)
     )
     assert code == 0, output
+
+
+# -- a real 'meshca serve' with two workers ---------------------------------------------------
+
+
+def _issuer_of(target: str, token: str) -> str:
+    """Sign on a fresh connection (workers take turns); the SHA-256 of the issuer."""
+    import grpc
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .sign(key, hashes.SHA256())
+    )
+    with grpc.insecure_channel(target) as channel:
+        response = ca_pb2_grpc.CertificateServiceStub(channel).Sign(
+            ca_pb2.SignRequest(csr=csr.public_bytes(Encoding.DER)),
+            metadata=[("authorization", f"Bearer {token}")],
+            timeout=10,
+        )
+    issuer = x509.load_pem_x509_certificate(response.intermediates[0].encode())
+    return issuer.fingerprint(hashes.SHA256()).hex()
+
+
+def _bundle_tainted(target: str) -> list[str]:
+    import grpc
+
+    from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        bundle = ca_pb2_grpc.CertificateServiceStub(channel).GetTrustBundle(
+            ca_pb2.GetTrustBundleRequest(), timeout=10
+        )
+    return list(bundle.tainted)
+
+
+def test_every_worker_of_meshca_serve_signs_with_the_successor_within_one_poll(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    from tests.integration.serve_process import REPO, launch
+    from tests.integration.server_harness import TokenMinter, serve_command
+
+    minter, jwks = TokenMinter.create(tmp_path)
+    data_dir = tmp_path / "data"
+    extra = ["--plaintext", "--journal-poll", f"{POLL}s", "--tree-head-interval", "1s"]
+    process = launch(
+        "taint", data_dir, serve_command(data_dir, jwks, workers=2, extra=extra), workers=2
+    )
+    try:
+        token = minter.mint("shop", "web")
+        before = {_issuer_of(process.target, token) for _ in range(6)}
+        assert len(before) == 1
+        (tainted,) = before
+        assert _bundle_tainted(process.target) == []
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "meshca", "ca", "taint", tainted[:16],
+                "--reason", "leaked", "--by", "sec",
+                "--data-dir", str(data_dir), "--trust-domain", TRUST_DOMAIN,
+            ],
+            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        started = time.monotonic()
+
+        def moved() -> bool:
+            # Fresh connections spread over both workers: six in a row of each kind.
+            issuers = {_issuer_of(process.target, token) for _ in range(6)}
+            bundles = [_bundle_tainted(process.target) for _ in range(6)]
+            return tainted not in issuers and len(issuers) == 1 and bundles == [[tainted]] * 6
+
+        while not moved():
+            assert time.monotonic() - started < POLL + 1.0, "a worker has not followed"
+            time.sleep(0.05)
+    finally:
+        assert process.stop() == 0, process.log()
