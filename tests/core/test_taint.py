@@ -251,3 +251,23 @@ def test_chain_tainted_finds_a_tainted_intermediate_or_issuing_root() -> None:
     other = root(ACTIVE, n=3)
     assert chain_tainted(chain, (_der(other),), frozenset({other.fingerprint})) is None
     assert chain_tainted(chain, (b"garbage",), frozenset({"00" * 32})) is None
+
+
+@given(
+    st.lists(st.binary(max_size=80), max_size=4),
+    st.lists(st.binary(max_size=80), max_size=3),
+    st.lists(st.text(max_size=70), max_size=4),
+    st.booleans(),
+)
+def test_chain_tainted_takes_any_bytes_and_only_names_what_was_tainted(
+    chain: list[bytes], roots: list[bytes], names: list[str], include_own: bool
+) -> None:
+    import hashlib
+
+    tainted = set(names)
+    if include_own:
+        tainted |= {hashlib.sha256(b).hexdigest() for b in chain[1:] + roots}
+    found = chain_tainted(tuple(chain), tuple(roots), frozenset(tainted))
+    assert found is None or found in tainted
+    if include_own and len(chain) > 1:
+        assert found == hashlib.sha256(chain[1]).hexdigest()
