@@ -582,7 +582,9 @@ class AuthorityService:
         if entry.kind != AuthorityKind.ROOT or entry.activated_at is None:
             return None
         now = self._clock.now()
-        return predict_peer_failures(authorities, entry, issued_since(entry.activated_at), now)
+        # No leaf outlives --max-svid-ttl: older records cannot name a valid certificate.
+        since = max(entry.activated_at, now - self.policy.max_svid_ttl)
+        return predict_peer_failures(authorities, entry, issued_since(since), now)
 
     def taint(
         self,
