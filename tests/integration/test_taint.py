@@ -8,7 +8,8 @@
   certificate under the successor root; once agents follow the bundle, none fail.
 
 - A real ``meshca serve`` with two workers: within one poll every worker signs with the
-  successor and its bundle lists the tainted fingerprint.
+  successor and its bundle lists the tainted fingerprint; the same for two replicas on
+  one PostgreSQL with keys sealed in it.
 
 Both taints are records of the issuance log, and ``meshca audit verify`` passes.
 """
@@ -343,3 +344,46 @@ def test_every_worker_of_meshca_serve_signs_with_the_successor_within_one_poll(
             time.sleep(0.05)
     finally:
         assert process.stop() == 0, process.log()
+
+
+def test_two_replicas_on_one_postgres_both_move_within_one_poll(
+    tmp_path: Path, postgres_database_url: str
+) -> None:
+    import contextlib
+    import subprocess
+    import sys
+
+    from tests.integration.replicas import start_replica, write_kek
+    from tests.integration.serve_process import REPO
+    from tests.integration.server_harness import TokenMinter
+
+    poll = 0.25  # FAST_CA's --journal-poll
+    minter, jwks = TokenMinter.create(tmp_path)
+    kek = write_kek(tmp_path / "kek")
+    slow_ca = ["--root-rotation", "1h", "--root-ttl", "4h", "--intermediate-ttl", "1h"]
+    with contextlib.ExitStack() as stack:
+        replicas = []
+        for name in ("a", "b"):
+            replica = start_replica(name, tmp_path, jwks, postgres_database_url, kek, extra=slow_ca)
+            stack.callback(replica.kill)
+            replicas.append(replica)
+        token = minter.mint("shop", "web")
+        (tainted,) = {_issuer_of(r.target, token) for r in replicas}
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "meshca", "ca", "taint", tainted,
+                "--reason", "leaked", "--database-url", postgres_database_url,
+                "--key-encryption-key-file", str(kek), "--trust-domain", TRUST_DOMAIN,
+                "--max-svid-ttl", "4s", "--propagation-delay", "3s", *slow_ca,
+            ],
+            capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        started = time.monotonic()
+        for replica in replicas:
+            while _issuer_of(replica.target, token) == tainted:
+                assert time.monotonic() - started < poll + 1.0, f"{replica.name} still signs"
+                time.sleep(0.02)
+        issuers = {_issuer_of(r.target, token) for r in replicas for _ in range(3)}
+        assert len(issuers) == 1 and tainted not in issuers
+        assert all(_bundle_tainted(r.target) == [tainted] for r in replicas)
