@@ -26,6 +26,9 @@ class BundleSnapshot:
     roots: tuple[x509.Certificate, ...]
     sequence: int
     jwt_keys: tuple[JwtKey, ...] = ()
+    #: SHA-256 fingerprints (hex) of tainted authorities: a workload whose certificate
+    #: chains through one of them should renew now (``meshca ca taint``).
+    tainted: tuple[str, ...] = ()
 
     @cached_property
     def roots_pems(self) -> tuple[str, ...]:
@@ -49,8 +52,9 @@ class TrustBundleService:
         roots: tuple[x509.Certificate, ...],
         sequence: int = 1,
         jwt_keys: tuple[JwtKey, ...] = (),
+        tainted: tuple[str, ...] = (),
     ) -> None:
-        self._snapshot = BundleSnapshot(trust_domain, roots, sequence, jwt_keys)
+        self._snapshot = BundleSnapshot(trust_domain, roots, sequence, jwt_keys, tainted)
         self._changed = asyncio.Event()
 
     def current(self) -> BundleSnapshot:
@@ -61,16 +65,24 @@ class TrustBundleService:
         roots: tuple[x509.Certificate, ...],
         sequence: int | None = None,
         jwt_keys: tuple[JwtKey, ...] | None = None,
+        tainted: tuple[str, ...] | None = None,
     ) -> BundleSnapshot:
-        """Replace the roots (and JWT keys, when given), as version ``sequence`` (default:
-        the next one); a no-op when both are the same, in the same order."""
+        """Replace the roots (and JWT keys and tainted fingerprints, when given), as version
+        ``sequence`` (default: the next one); a no-op when nothing changed."""
         if jwt_keys is None:
             jwt_keys = self._snapshot.jwt_keys
-        if roots == self._snapshot.roots and jwt_keys == self._snapshot.jwt_keys:
-            return self._snapshot
-        if sequence is None or sequence <= self._snapshot.sequence:
-            sequence = self._snapshot.sequence + 1
-        self._snapshot = BundleSnapshot(self._snapshot.trust_domain, roots, sequence, jwt_keys)
+        if tainted is None:
+            tainted = self._snapshot.tainted
+        snapshot = self._snapshot
+        if (
+            roots == snapshot.roots
+            and jwt_keys == snapshot.jwt_keys
+            and tainted == snapshot.tainted
+        ):
+            return snapshot
+        if sequence is None or sequence <= snapshot.sequence:
+            sequence = snapshot.sequence + 1
+        self._snapshot = BundleSnapshot(snapshot.trust_domain, roots, sequence, jwt_keys, tainted)
         # Wake current watchers, then arm a fresh event for the next change.
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

@@ -43,13 +43,15 @@ class WatchTrustBundleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrustBundle(_message.Message):
-    __slots__ = ("trust_domain", "roots", "sequence", "jwt_bundle")
+    __slots__ = ("trust_domain", "roots", "sequence", "jwt_bundle", "tainted")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     JWT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    TAINTED_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     roots: _containers.RepeatedScalarFieldContainer[str]
     sequence: int
     jwt_bundle: bytes
-    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., jwt_bundle: _Optional[bytes] = ...) -> None: ...
+    tainted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., jwt_bundle: _Optional[bytes] = ..., tainted: _Optional[_Iterable[str]] = ...) -> None: ...
