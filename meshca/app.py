@@ -766,7 +766,9 @@ async def start_worker(
         return loop.run_in_executor(executor, fn)
 
     view = authorities.view
-    bundle = TrustBundleService(trust_domain, view.bundle, view.bundle_sequence, view.jwt_keys)
+    bundle = TrustBundleService(
+        trust_domain, view.bundle, view.bundle_sequence, view.jwt_keys, view.tainted
+    )
     deny_list = DenyListFollower(SqlDenyList(engine))
     await asyncio.to_thread(deny_list.refresh)
     crls = await asyncio.to_thread(

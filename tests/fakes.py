@@ -90,6 +90,8 @@ class FakeUpstream:
     down: bool = False
     signed: int = 0
     bundles: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+    #: Intermediates (DER) sent after each leaf.
+    intermediates: tuple[bytes, ...] = ()
 
     async def sign(self, token: str, csr_der: bytes, key_der: bytes) -> tuple[object, ...]:
         from meshca.core.agent import AgentSvid
@@ -103,7 +105,7 @@ class FakeUpstream:
         now = self.clock.now()
         svid = AgentSvid(
             "spiffe://td/ns/a/sa/b",
-            (b"leaf-%d" % self.signed,),
+            (b"leaf-%d" % self.signed, *self.intermediates),
             key_der,
             now,
             now + self.lifetime,

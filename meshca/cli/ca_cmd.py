@@ -203,7 +203,7 @@ def format_status(
             (
                 entry.kind.value,
                 entry.id,
-                entry.state.value,
+                entry.state.value + (" TAINTED" if entry.tainted_at is not None else ""),
                 entry.source.value,
                 _stamp(since),
                 _stamp(entry.not_before),
@@ -310,6 +310,7 @@ def _status_json(authorities: AuthoritySet, rotation: Rotation, now: datetime) -
                 "activated_at": _stamp(e.activated_at),
                 "retired_at": _stamp(e.retired_at),
                 "removed_at": _stamp(e.removed_at),
+                "tainted_at": None if e.tainted_at is None else _stamp(e.tainted_at),
             }
             for e in authorities.entries
         ],
@@ -519,7 +520,7 @@ def _ca_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
-        "ca", help="the certificate authority: status, rotation, import, trust bundle"
+        "ca", help="the certificate authority: status, rotation, import, taint, trust bundle"
     )
     sub = parser.add_subparsers(dest="ca_command", metavar="COMMAND", required=True)
     bundle = sub.add_parser(
@@ -601,6 +602,10 @@ def register(commands: Any) -> None:
     )
     _ca_flags(reseal)
     reseal.set_defaults(run=_reseal)
+
+    from meshca.cli.taint_cmd import add_taint_parser
+
+    add_taint_parser(sub, _ca_flags, _settings)
 
 
 def _duration(text: str) -> timedelta:

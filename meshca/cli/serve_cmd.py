@@ -36,8 +36,8 @@ HELP = {
     "signed under it (default: --max-svid-ttl)",
     "root_rotation": "age at which a self-generated root's successor is prepared "
     "(default: half of --root-ttl)",
-    "journal_poll": "how often each server process re-reads the CA journal and the deny-list "
-    "(default 2s)",
+    "journal_poll": "how often each server process re-reads the CA journal (rotations, "
+    "taints) and the deny-list (default 2s)",
     "bundle_endpoint": "serve the SPIFFE trust bundle over HTTPS at HOST:PORT, path / "
     "(plain HTTP with --plaintext)",
     "crl_validity": "each intermediate's CRL is valid this long (nextUpdate) and re-signed "

@@ -12,16 +12,22 @@ random), capped; the SVID already held keeps being served meanwhile.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
 __all__ = [
+    "MAX_TAINTED",
     "AgentSvid",
     "RenewalPolicy",
     "TrustBundleView",
     "Upstream",
+    "chain_tainted",
     "renew_at",
     "retry_delay",
     "svid_usable",
@@ -52,6 +58,9 @@ class TrustBundleView:
     trust_domain: str
     roots_der: tuple[bytes, ...]
     sequence: int
+    #: SHA-256 fingerprints (hex) of tainted authorities (``meshca ca taint``).
+    tainted: frozenset[str] = frozenset()
+    #: The intermediates' CRLs, DER, as the server sent them.
     crls_der: tuple[bytes, ...] = ()
 
 
@@ -119,3 +128,39 @@ class Upstream(Protocol):
         ...
 
     def watch_bundle(self) -> AsyncIterator[TrustBundleView]: ...
+
+
+#: At most this many tainted fingerprints are taken from a bundle message.
+MAX_TAINTED = 64
+
+
+def chain_tainted(
+    chain_der: tuple[bytes, ...], roots_der: tuple[bytes, ...], tainted: frozenset[str]
+) -> str | None:
+    """The fingerprint of a tainted authority ``chain_der`` (leaf first) goes through, or
+    None: one of its intermediates, or a bundle root that issued its topmost certificate."""
+    if not tainted or not chain_der:
+        return None
+    for der in chain_der[1:]:
+        fingerprint = hashlib.sha256(der).hexdigest()
+        if fingerprint in tainted:
+            return fingerprint
+    try:
+        top = x509.load_der_x509_certificate(chain_der[-1])
+    except ValueError:
+        return None
+    for der in roots_der:
+        fingerprint = hashlib.sha256(der).hexdigest()
+        if fingerprint not in tainted:
+            continue
+        try:
+            root = x509.load_der_x509_certificate(der)
+        except ValueError:
+            continue
+        if root.subject == top.issuer:
+            try:
+                top.verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return fingerprint
+    return None

@@ -38,6 +38,7 @@ __all__ = [
     "OutcomeObserver",
     "RecordWriterStatus",
     "SignedIntermediate",
+    "TaintJournal",
     "UpstreamAuthority",
     "UpstreamRoot",
 ]
@@ -174,6 +175,18 @@ class KeyListing(Protocol):
 
     def listed(self) -> Sequence[str]:
         """Every stored key reference with the prefix."""
+        ...
+
+
+@runtime_checkable
+class TaintJournal(Protocol):
+    """Optional: marks an authority tainted, with its issuance-log record, atomically."""
+
+    def taint(self, entry_id: str, at: datetime, record: AuditRecord) -> int:
+        """Set ``tainted_at`` and append ``record`` in one transaction; its leaf index.
+
+        ``JournalConflict`` if the entry is unknown, removed or already tainted.
+        """
         ...
 
 

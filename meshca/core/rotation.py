@@ -135,6 +135,8 @@ class AuthorityEntry:
     retired_at: datetime | None = None
     removed_at: datetime | None = None
     chain: tuple[x509.Certificate, ...] = ()
+    #: When ``meshca ca taint`` marked it compromised (see ``core.taint``); None if never.
+    tainted_at: datetime | None = None
 
     @cached_property
     def not_before(self) -> datetime:
@@ -210,7 +212,13 @@ class AuthoritySet:
 
     @property
     def prepared_root(self) -> AuthorityEntry | None:
-        return self._one(AuthorityKind.ROOT, AuthorityState.PREPARED)
+        """The root waiting to take over; a tainted one never does."""
+        found = [
+            e
+            for e in self.select(AuthorityKind.ROOT, AuthorityState.PREPARED)
+            if e.tainted_at is None
+        ]
+        return found[0] if found else None
 
     @property
     def active_intermediate(self) -> AuthorityEntry | None:
@@ -220,6 +228,7 @@ class AuthoritySet:
         found = self.select(
             AuthorityKind.INTERMEDIATE, AuthorityState.PREPARED, parent_id=parent_id
         )
+        found = tuple(e for e in found if e.tainted_at is None)  # a tainted one never signs
         return found[0] if found else None
 
     @property
@@ -239,6 +248,15 @@ class AuthoritySet:
         ]
         keys.sort(key=lambda e: (_ORDER[e.state], -e.prepared_at.timestamp(), e.id))
         return tuple(keys)
+
+    def tainted(self) -> tuple[AuthorityEntry, ...]:
+        """Entries marked compromised and not yet removed, oldest taint first."""
+        found = [
+            e
+            for e in self.entries
+            if e.tainted_at is not None and e.state != AuthorityState.REMOVED
+        ]
+        return tuple(sorted(found, key=lambda e: (e.tainted_at or _LONG_AGO, e.id)))
 
     def bundle(self) -> tuple[x509.Certificate, ...]:
         """The roots relying parties must trust: active, then prepared, then retired."""
@@ -266,14 +284,23 @@ class AuthoritySet:
             ):
                 if at is not None:
                     changes.setdefault(at, []).append((entry.id, state))
+        # A taint (of a root or an intermediate) is a change too: the bundle carries the
+        # tainted fingerprints, and watchers must hear of them.
+        taints: dict[datetime, list[str]] = {}
+        for entry in self.entries:
+            if entry.tainted_at is not None:
+                taints.setdefault(entry.tainted_at, []).append(entry.id)
+                changes.setdefault(entry.tainted_at, [])
         by_id = {e.id: e for e in roots}
         states: dict[str, AuthorityState] = {}
+        tainted: set[str] = set()
         sequence, previous = 0, None
         for at in sorted(changes):
             for entry_id_, state in changes[at]:
                 # One transaction may stamp an entry twice (prepared and activated).
                 if _LIFECYCLE.index(state) >= _LIFECYCLE.index(states.get(entry_id_, state)):
                     states[entry_id_] = state
+            tainted.update(taints.get(at, ()))
             order = sorted(
                 (i for i, state in states.items() if state != AuthorityState.REMOVED),
                 key=lambda i: (
@@ -283,14 +310,20 @@ class AuthoritySet:
                     i,
                 ),
             )
-            if order and order != previous:
+            key = (order, sorted(tainted))
+            if order and key != previous:
                 sequence += 1
-            previous = order
+            previous = key
         return max(sequence, 1)
 
     def signature(self) -> tuple[tuple[str, str], ...]:
         """What identifies this snapshot's lifecycle: each entry's id and state."""
-        return tuple(sorted((e.id, e.state.value) for e in self.entries))
+        return tuple(
+            sorted(
+                (e.id, e.state.value + ("+tainted" if e.tainted_at is not None else ""))
+                for e in self.entries
+            )
+        )
 
 
 class Step(StrEnum):
@@ -380,6 +413,8 @@ class Rotation:
         active = self.authorities.active_root
         if active is None:
             return _LONG_AGO  # bootstrap: now
+        if active.tainted_at is not None:
+            return _LONG_AGO  # compromised: its successor is due at once
         if active.source not in (AuthoritySource.SELF, AuthoritySource.ADOPTED):
             return None  # an organisation's root is replaced by importing its successor
         # Never so late that the successor could not be activated before this root ends.
@@ -423,7 +458,7 @@ class Rotation:
         if root.key_ref is None and root.source != AuthoritySource.UPSTREAM:
             return None  # only its owner can sign under it: they import the successor
         current = self.authorities.active_intermediate
-        if current is None or current.parent_id != root.id:
+        if current is None or current.parent_id != root.id or current.tainted_at is not None:
             return _LONG_AGO
         return current.half_life
 
@@ -470,6 +505,8 @@ class Rotation:
                 return None
             retired = entry.retired_at or entry.prepared_at
             return min(retired + self.policy.max_jwt_svid_ttl, entry.not_after)
+        if entry.tainted_at is not None and entry.state != AuthorityState.REMOVED:
+            return self._tainted_remove_at(entry)
         if entry.state == AuthorityState.RETIRED:
             if entry.kind == AuthorityKind.INTERMEDIATE:
                 return entry.not_after
@@ -487,6 +524,40 @@ class Rotation:
             if parent is None or parent.state in (AuthorityState.RETIRED, AuthorityState.REMOVED):
                 return entry.prepared_at  # stranded: its root will never be activated
         return None
+
+    def _tainted_remove_at(self, entry: AuthorityEntry) -> datetime | None:
+        """A tainted authority goes as soon as no leaf it (or its intermediates) signed
+        can still be valid: one longest leaf lifetime after it stopped signing.
+
+        Prepared: at once (nothing was signed under it). Active: not yet (its successor
+        retires it). Retired: ``max_svid_ttl`` after that, or its own end if sooner.
+        """
+        if entry.state == AuthorityState.PREPARED:
+            return entry.prepared_at
+        if entry.state != AuthorityState.RETIRED:
+            return None
+        stopped = entry.retired_at or entry.prepared_at
+        if entry.kind == AuthorityKind.ROOT:
+            # Its intermediates stopped signing no later than it was retired.
+            children = [
+                c.retired_at or stopped
+                for c in self.authorities.select(AuthorityKind.INTERMEDIATE, parent_id=entry.id)
+                if c.activated_at is not None
+            ]
+            stopped = max([stopped, *children])
+        return min(stopped + self.policy.max_svid_ttl, self._normal_remove_at(entry))
+
+    def _normal_remove_at(self, entry: AuthorityEntry) -> datetime:
+        if entry.kind == AuthorityKind.INTERMEDIATE:
+            return entry.not_after
+        children = [
+            c
+            for c in self.authorities.select(AuthorityKind.INTERMEDIATE, parent_id=entry.id)
+            if c.activated_at is not None
+        ]
+        ends = [c.not_after for c in children]
+        last = max(ends) if ends else (entry.retired_at or entry.prepared_at)
+        return min(last, entry.not_after)
 
     def should_remove(self, entry: AuthorityEntry, now: datetime) -> bool:
         at = self.remove_at(entry)
@@ -566,6 +637,12 @@ class Rotation:
             if at is not None:
                 if entry.kind == AuthorityKind.JWT_KEY:
                     reason = "every JWT-SVID it signed has expired"
+                elif entry.tainted_at is not None:
+                    reason = (
+                        "tainted: nothing was signed under it"
+                        if entry.state == AuthorityState.PREPARED
+                        else "tainted: the longest leaf lifetime has passed since it stopped"
+                    )
                 elif entry.state == AuthorityState.RETIRED:
                     reason = "every certificate chained to it has expired"
                 else:

@@ -9,6 +9,7 @@ and for health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from meshca.core.agent import (
     RenewalPolicy,
     TrustBundleView,
     Upstream,
+    chain_tainted,
     renew_at,
     retry_delay,
 )
@@ -77,7 +79,7 @@ class AgentState:
             trust_domain = svid.spiffe_id.split("/")[2]
             sequence = bundle.sequence if bundle else 0
             crls = bundle.crls_der if bundle else ()
-            bundle = TrustBundleView(trust_domain, roots_der, sequence, crls)
+            bundle = TrustBundleView(trust_domain, roots_der, sequence, crls_der=crls)
         self._problems.pop("renewal", None)
         await self._publish(
             replace(
@@ -146,6 +148,21 @@ class AgentRunner:
         self._clock = clock
         self._draw = draw
         self._policy = policy or RenewalPolicy()
+        #: Set when the bundle says the SVID's issuer is tainted: renew now.
+        self._renew_now = asyncio.Event()
+        self._latest: TrustBundleView | None = None
+
+    def tainted_issuer(self, svid: AgentSvid | None, *, roots: bool = True) -> str | None:
+        """The tainted authority ``svid`` chains through, per the latest bundle; or None.
+
+        With ``roots`` False only its intermediates count: a tainted root keeps signing
+        (through a fresh intermediate) until its successor is active, which changes the
+        bundle again and so triggers one more renewal then.
+        """
+        bundle = self._latest
+        if svid is None or bundle is None:
+            return None
+        return chain_tainted(svid.chain_der, bundle.roots_der if roots else (), bundle.tainted)
 
     async def renew_once(self) -> AgentSvid:
         """Read the token, make a key and CSR, get and publish a new SVID."""
@@ -188,6 +205,12 @@ class AgentRunner:
                 log.info("renewal works again after %d failed attempts", attempt)
             attempt = 0
             when = renew_at(svid, self._policy, self._draw())
+            tainted = self.tainted_issuer(svid, roots=False)
+            if tainted is not None:
+                # A replica that has not followed the journal yet signed under the tainted
+                # authority: try again soon, not at half-life.
+                when = self._clock.now() + retry_delay(1, self._policy, self._draw())
+                log.warning("new SVID still chains through tainted %s; renewing again", tainted)
             log.info(
                 "SVID %s serial %s valid until %s; next renewal at %s",
                 svid.spiffe_id,
@@ -195,7 +218,11 @@ class AgentRunner:
                 svid.not_after.isoformat(),
                 when.isoformat(),
             )
-            await asyncio.sleep(max(0.0, _s(when - self._clock.now())))
+            self._renew_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._renew_now.wait(), max(0.0, _s(when - self._clock.now()))
+                )
 
     async def run_bundle_watch(self) -> None:
         """Forever: follow the server's bundle stream; reconnect with backoff when it ends."""
@@ -215,6 +242,15 @@ class AgentRunner:
                         len(bundle.crls_der),
                     )
                     await self._state.set_bundle(bundle)
+                    self._latest = bundle
+                    tainted = self.tainted_issuer(self._state.current.svid)
+                    if tainted is not None:
+                        log.warning(
+                            "the SVID's issuer %s is tainted (bundle sequence %d): renewing now",
+                            tainted[:16],
+                            bundle.sequence,
+                        )
+                        self._renew_now.set()
                 problem = "trust bundle watch ended"
             except Exception as exc:
                 if not isinstance(exc, MeshcaError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -43,6 +43,7 @@ from meshca.core.ports import (
     KeyInventory,
     KeyListing,
     KeyManager,
+    TaintJournal,
     UpstreamAuthority,
 )
 from meshca.core.rotation import (
@@ -59,8 +60,24 @@ from meshca.core.rotation import (
     entry_id,
 )
 from meshca.core.spiffe import TrustDomain
+from meshca.core.taint import (
+    IssuedLeaf,
+    PeerPrediction,
+    TaintRequest,
+    check_taint,
+    predict_peer_failures,
+    resolve,
+    taint_record,
+)
 
-__all__ = ["UPSTREAM_REF", "AuthorityService", "AuthorityView", "JwtSigner", "StepReport"]
+__all__ = [
+    "UPSTREAM_REF",
+    "AuthorityService",
+    "AuthorityView",
+    "JwtSigner",
+    "StepReport",
+    "TaintOutcome",
+]
 
 #: ``key_ref`` of a root held by the upstream CA: ``upstream:<its name there>``.
 UPSTREAM_REF = "upstream:"
@@ -107,6 +124,22 @@ class AuthorityView:
     bundle_sequence: int = 1
     jwt_keys: tuple[JwtKey, ...] = ()
     jwt_signer: JwtSigner | None = None
+    #: SHA-256 fingerprints of tainted authorities not yet removed (``meshca ca taint``).
+    tainted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaintOutcome:
+    """What ``taint`` did: the entry, its log record's leaf index, and the steps run."""
+
+    entry: AuthorityEntry
+    leaf_index: int
+    reports: tuple[StepReport, ...]
+    prediction: PeerPrediction | None = None
+
+
+#: Reads the ``issued`` records since a time, for the peer-failure prediction.
+IssuedSince = Callable[[datetime], Iterable[IssuedLeaf]]
 
 
 @dataclass
@@ -200,6 +233,7 @@ class AuthorityService:
         bundle = authorities.bundle()
         sequence = authorities.bundle_sequence()
         jwt_keys, jwt_signer = self._jwt_view(authorities)
+        tainted = tuple(e.fingerprint for e in authorities.tainted())
         intermediate = authorities.active_intermediate
         if intermediate is None or intermediate.key_ref is None:
             return AuthorityView(
@@ -210,6 +244,7 @@ class AuthorityService:
                 bundle_sequence=sequence,
                 jwt_keys=jwt_keys,
                 jwt_signer=jwt_signer,
+                tainted=tainted,
             )
         signer = self._signers.get(intermediate.key_ref)
         if signer is None:
@@ -229,6 +264,7 @@ class AuthorityService:
             bundle_sequence=sequence,
             jwt_keys=jwt_keys,
             jwt_signer=jwt_signer,
+            tainted=tainted,
         )
 
     # -- the rotator ---------------------------------------------------------------------
@@ -649,6 +685,130 @@ class AuthorityService:
                     self._keys.delete(key_ref)
                     log.warning("deleted orphaned CA key %s (meshca ca prune-keys)", key_ref)
         return orphans
+
+    def predict_taint(
+        self, fingerprint: str, issued_since: IssuedSince
+    ) -> tuple[AuthorityEntry, PeerPrediction | None]:
+        """The authority ``fingerprint`` names and, for an active root, who may fail if it
+        were switched away from now without propagation (see ``core.taint``)."""
+        authorities = self._journal.load()
+        entry = resolve(authorities, fingerprint)
+        return entry, self._prediction(authorities, entry, issued_since)
+
+    def _prediction(
+        self, authorities: AuthoritySet, entry: AuthorityEntry, issued_since: IssuedSince
+    ) -> PeerPrediction | None:
+        if entry.kind != AuthorityKind.ROOT or entry.activated_at is None:
+            return None
+        now = self._clock.now()
+        # No leaf outlives --max-svid-ttl: older records cannot name a valid certificate.
+        since = max(entry.activated_at, now - self.policy.max_svid_ttl)
+        return predict_peer_failures(authorities, entry, issued_since(since), now)
+
+    def taint(
+        self,
+        fingerprint: str,
+        *,
+        reason: str,
+        requested_by: str,
+        emergency: bool = False,
+        peers_may_fail: bool = False,
+        issued_since: IssuedSince | None = None,
+    ) -> TaintOutcome:
+        """Mark an authority compromised, record it in the issuance log, and move off it.
+
+        Intermediate: a successor under the active root is prepared (or a waiting one
+        taken) and activated now. Root: a successor root is prepared; with ``emergency``
+        (and ``peers_may_fail``) it is activated now, else after the propagation delay.
+        A tainted authority that is only prepared is removed at once. Raises
+        ``InvalidRequest`` / ``UnsafeChange`` (and changes nothing) when refused.
+        """
+        if not isinstance(self._journal, TaintJournal):
+            raise UnsafeChange("this journal cannot record taints")
+        with self._lock():
+            now = self._clock.now()
+            authorities = self._journal.load()
+            entry = resolve(authorities, fingerprint)
+            request = check_taint(
+                authorities,
+                entry,
+                reason=reason,
+                requested_by=requested_by,
+                emergency=emergency,
+                peers_may_fail=peers_may_fail,
+                self_managed_roots=self.policy.self_managed_roots,
+            )
+            if entry.kind == AuthorityKind.ROOT and entry.state == AuthorityState.ACTIVE:
+                self._check_root_successor(authorities, request)
+            prediction = None
+            if request.emergency and issued_since is not None:
+                prediction = self._prediction(authorities, entry, issued_since)
+            record = taint_record(request, now, prediction=prediction)
+            leaf = self._journal.taint(entry.id, now, record)
+            log.warning(
+                "CA %s %s tainted by %s (log leaf %d): %s",
+                entry.kind,
+                entry.id,
+                request.requested_by,
+                leaf,
+                request.reason,
+            )
+            reports = self._move_off(request, now)
+        self.refresh()
+        self.health.history.extend(reports)
+        return TaintOutcome(self._journal.load().get(entry.id) or entry, leaf, reports, prediction)
+
+    def _check_root_successor(self, authorities: AuthoritySet, request: TaintRequest) -> None:
+        if not self.policy.self_managed_roots:
+            return
+        prepared = authorities.prepared_root
+        if prepared is not None and prepared.key_ref is None:
+            raise UnsafeChange(
+                f"root {prepared.id} is waiting to take over but meshca does not hold its "
+                "key: import an intermediate under it first, or taint it too"
+            )
+
+    def _move_off(self, request: TaintRequest, now: datetime) -> tuple[StepReport, ...]:
+        """The steps after the taint mark; the rotation rules redo them after a crash."""
+        entry = request.entry
+        reports: list[StepReport] = []
+        started = time.perf_counter()
+        authorities = self._journal.load()
+        if entry.state == AuthorityState.PREPARED:
+            self._remove(authorities, entry.id, now)
+            reports.append(
+                StepReport(Step.REMOVE, (entry.id,), time.perf_counter() - started, "tainted")
+            )
+            return tuple(reports)
+        if entry.state != AuthorityState.ACTIVE:
+            return ()  # retired: it signs nothing; removal follows the rules
+        if entry.kind == AuthorityKind.INTERMEDIATE:
+            root = authorities.active_root
+            if root is None:
+                raise AuthorityNotReady("there is no active root to sign a successor under")
+            if authorities.prepared_intermediate(root.id) is None:
+                self._prepare_intermediate(root, now)
+            ids = self._activate_intermediate(self._journal.load(), now)
+            reports.append(
+                StepReport(
+                    Step.ACTIVATE_INTERMEDIATE, ids, time.perf_counter() - started, "tainted"
+                )
+            )
+            return tuple(reports)
+        if authorities.prepared_root is None:
+            prepared = self._prepare_root(now)
+            reports.append(
+                StepReport(Step.PREPARE_ROOT, (prepared.id,), time.perf_counter() - started)
+            )
+        if request.emergency:
+            started = time.perf_counter()
+            ids = self._activate_root(self._journal.load(), now)
+            reports.append(
+                StepReport(
+                    Step.ACTIVATE_ROOT, ids, time.perf_counter() - started, "tainted: emergency"
+                )
+            )
+        return tuple(reports)
 
     def import_authority(
         self, certificates: Sequence[x509.Certificate], key: SignerKey, importer: KeyImporter

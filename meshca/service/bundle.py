@@ -26,8 +26,11 @@ class BundleSnapshot:
     roots: tuple[x509.Certificate, ...]
     sequence: int
     jwt_keys: tuple[JwtKey, ...] = ()
+    #: SHA-256 fingerprints (hex) of tainted authorities: a workload whose certificate
+    #: chains through one of them should renew now (``meshca ca taint``).
+    tainted: tuple[str, ...] = ()
     #: The intermediates' CRLs, DER (``service.crl``). A new set makes a new snapshot
-    #: with the same ``sequence``: that counts root and JWT key changes, from the journal.
+    #: with the same ``sequence``: that counts root, JWT key and taint changes.
     crls: tuple[bytes, ...] = ()
 
     @cached_property
@@ -52,8 +55,9 @@ class TrustBundleService:
         roots: tuple[x509.Certificate, ...],
         sequence: int = 1,
         jwt_keys: tuple[JwtKey, ...] = (),
+        tainted: tuple[str, ...] = (),
     ) -> None:
-        self._snapshot = BundleSnapshot(trust_domain, roots, sequence, jwt_keys)
+        self._snapshot = BundleSnapshot(trust_domain, roots, sequence, jwt_keys, tainted)
         self._changed = asyncio.Event()
 
     def current(self) -> BundleSnapshot:
@@ -64,23 +68,32 @@ class TrustBundleService:
         roots: tuple[x509.Certificate, ...],
         sequence: int | None = None,
         jwt_keys: tuple[JwtKey, ...] | None = None,
+        tainted: tuple[str, ...] | None = None,
     ) -> BundleSnapshot:
-        """Replace the roots (and JWT keys, when given), as version ``sequence`` (default:
-        the next one); a no-op when both are the same, in the same order."""
+        """Replace the roots (and JWT keys and tainted fingerprints, when given), as version
+        ``sequence`` (default: the next one); a no-op when nothing changed."""
         if jwt_keys is None:
             jwt_keys = self._snapshot.jwt_keys
-        if roots == self._snapshot.roots and jwt_keys == self._snapshot.jwt_keys:
-            return self._snapshot
-        if sequence is None or sequence <= self._snapshot.sequence:
-            sequence = self._snapshot.sequence + 1
+        if tainted is None:
+            tainted = self._snapshot.tainted
+        snapshot = self._snapshot
+        if (
+            roots == snapshot.roots
+            and jwt_keys == snapshot.jwt_keys
+            and tainted == snapshot.tainted
+        ):
+            return snapshot
+        if sequence is None or sequence <= snapshot.sequence:
+            sequence = snapshot.sequence + 1
         self._snapshot = BundleSnapshot(
-            self._snapshot.trust_domain, roots, sequence, jwt_keys, self._snapshot.crls
+            snapshot.trust_domain, roots, sequence, jwt_keys, tainted, snapshot.crls
         )
         self._wake()
         return self._snapshot
 
     def publish_crls(self, crls: tuple[bytes, ...]) -> BundleSnapshot:
-        """Replace the CRLs (same roots, keys and sequence); a no-op when they are the same."""
+        """Replace the CRLs (same roots, keys, taints and sequence); a no-op when they are
+        the same."""
         if crls == self._snapshot.crls:
             return self._snapshot
         self._snapshot = replace(self._snapshot, crls=crls)

@@ -50,7 +50,7 @@ class Rotator:
         if await asyncio.to_thread(self._is_leader):
             reports = await asyncio.to_thread(self._authorities.tick)
         view = await asyncio.to_thread(self._authorities.refresh)
-        self._bundle.publish(view.bundle, view.bundle_sequence, view.jwt_keys)
+        self._bundle.publish(view.bundle, view.bundle_sequence, view.jwt_keys, view.tainted)
         return reports
 
     async def run(self, stop: asyncio.Event) -> None:

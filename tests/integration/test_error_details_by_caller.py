@@ -142,8 +142,12 @@ async def test_no_error_of_any_api_echoes_a_secret_a_large_input_or_the_policy_s
         ],
         "io.linkerd.proxy.identity.Identity/Certify": [
             lambda: identity_pb2_grpc.IdentityStub(main).Certify(
+                # A well-formed name (a plain field, not a secret), so the forged token
+                # and the CSR body are what gets refused.
                 identity_pb2.CertifyRequest(
-                    identity=SECRET, token=FORGED.encode(), certificate_signing_request=CSR_BODY
+                    identity="cart.shop.serviceaccount.identity.linkerd.cluster.local",
+                    token=FORGED.encode(),
+                    certificate_signing_request=CSR_BODY,
                 )
             ),
         ],

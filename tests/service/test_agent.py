@@ -106,3 +106,42 @@ async def test_bundle_watch_reconnects_and_newer_snapshots_wake_waiters() -> Non
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_tainted_issuer_in_the_bundle_makes_the_agent_renew_now() -> None:
+    import hashlib
+
+    state = AgentState()
+    upstream = FakeUpstream(FakeClock(), lifetime=timedelta(hours=1))
+    upstream.intermediates = (b"intermediate-1",)
+    runner = _runner(upstream, state, lambda: "token")
+    tasks = [
+        asyncio.create_task(runner.run_renewal()),
+        asyncio.create_task(runner.run_bundle_watch()),
+    ]
+    try:
+        await _until(state, lambda: state.current.svid is not None)
+        assert upstream.signed == 1
+        # Another authority tainted: nothing to do (half-life is 30 minutes away).
+        other = hashlib.sha256(b"intermediate-0").hexdigest()
+        await upstream.bundles.put(
+            TrustBundleView("td", (b"root-1", b"root-0"), 2, frozenset({other}))
+        )
+        await _until(state, lambda: state.current.bundle.sequence == 2)  # type: ignore[union-attr]
+        await asyncio.sleep(0.1)
+        assert upstream.signed == 1
+        # Its own issuer tainted, and a lagging server still signing with it: it renews
+        # at once, and again after the backoff, until the successor signs.
+        tainted = hashlib.sha256(b"intermediate-1").hexdigest()
+        await upstream.bundles.put(
+            TrustBundleView("td", (b"root-1", b"root-2"), 3, frozenset({tainted}))
+        )
+        await _until(state, lambda: upstream.signed >= 3)
+        upstream.intermediates = (b"intermediate-2",)
+        await _until(state, lambda: state.current.svid.chain_der[1] == b"intermediate-2")  # type: ignore[union-attr]
+        settled = upstream.signed
+        await asyncio.sleep(0.1)
+        assert upstream.signed == settled
+    finally:
+        for task in tasks:
+            task.cancel()

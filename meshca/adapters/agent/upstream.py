@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
-from meshca.core.agent import AgentSvid, TrustBundleView
+from meshca.core.agent import MAX_TAINTED, AgentSvid, TrustBundleView
 from meshca.core.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -127,14 +127,22 @@ class GrpcUpstream:
                     roots = tuple(_der(p) for p in message.roots)
                 except ValueError as exc:
                     raise BackendUnavailable(f"WatchTrustBundle: bad root: {exc}") from exc
+                tainted = frozenset(
+                    t for t in list(message.tainted)[:MAX_TAINTED] if _is_fingerprint(t)
+                )
                 crls = tuple(bytes(c) for c in message.crls)
                 for crl in crls:
                     try:
                         x509.load_der_x509_crl(crl)
                     except ValueError as exc:
                         raise BackendUnavailable(f"WatchTrustBundle: bad CRL: {exc}") from exc
-                yield TrustBundleView(message.trust_domain, roots, message.sequence, crls)
+                yield TrustBundleView(message.trust_domain, roots, message.sequence, tainted, crls)
         except grpc.RpcError as exc:
             raise _error(exc, "WatchTrustBundle") from exc
         finally:
             stream.cancel()
+
+
+def _is_fingerprint(text: str) -> bool:
+    """A SHA-256 as 64 lowercase hex digits; anything else a server sends is ignored."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)

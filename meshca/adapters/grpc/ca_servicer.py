@@ -34,6 +34,7 @@ def _to_message(snapshot: BundleSnapshot) -> ca_pb2.TrustBundle:
         roots=snapshot.roots_pems,
         sequence=snapshot.sequence,
         jwt_bundle=snapshot.jwks,
+        tainted=snapshot.tainted,
         crls=snapshot.crls,
     )
 

@@ -19,7 +19,9 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from meshca.adapters.storage.engine import error_summary, write_gate
-from meshca.adapters.storage.tables import AuthorityJournalRow
+from meshca.adapters.storage.record_rows import LOG_STATE_ID, insert_records, stored_record
+from meshca.adapters.storage.tables import AuthorityJournalRow, LogStateRow
+from meshca.core.audit import AuditRecord
 from meshca.core.errors import BackendUnavailable, JournalConflict
 from meshca.core.rotation import (
     AuthorityEntry,
@@ -88,6 +90,37 @@ class SqlAuthorityJournal:
                 f"cannot write the authority journal: {error_summary(error)}"
             ) from error
 
+    def taint(self, entry_id: str, at: datetime, record: AuditRecord) -> int:
+        """Mark ``entry_id`` tainted at ``at`` and append ``record`` to the issuance log,
+        in one transaction; returns the record's leaf index.
+
+        Raises ``JournalConflict`` if the entry is unknown, removed or already tainted
+        (of two concurrent taints exactly one succeeds).
+        """
+        try:
+            with self._lock, self._gate, Session(self._engine) as session, session.begin():
+                result = session.execute(
+                    update(AuthorityJournalRow)
+                    .where(AuthorityJournalRow.id == entry_id)
+                    .where(AuthorityJournalRow.tainted_at.is_(None))
+                    .where(AuthorityJournalRow.state != AuthorityState.REMOVED.value)
+                    .values(tainted_at=at)
+                )
+                if getattr(result, "rowcount", 0) != 1:
+                    raise JournalConflict(
+                        f"authority {entry_id} is unknown, removed or already tainted"
+                    )
+                connection = session.connection()
+                insert_records(connection, [stored_record(record)])
+                size = connection.execute(
+                    select(LogStateRow.tree_size).where(LogStateRow.id == LOG_STATE_ID)
+                ).scalar_one()
+                return int(size) - 1
+        except SQLAlchemyError as error:
+            raise BackendUnavailable(
+                f"cannot write the authority journal: {error_summary(error)}"
+            ) from error
+
     def _entry(self, row: AuthorityJournalRow) -> AuthorityEntry:
         parsed = self._parsed.get(row.id)
         if parsed is None:
@@ -111,6 +144,7 @@ class SqlAuthorityJournal:
             retired_at=row.retired_at,
             removed_at=row.removed_at,
             chain=parsed[1],
+            tainted_at=row.tainted_at,
         )
 
 
@@ -135,4 +169,5 @@ def _row(entry: AuthorityEntry) -> AuthorityJournalRow:
         activated_at=entry.activated_at,
         retired_at=entry.retired_at,
         removed_at=entry.removed_at,
+        tainted_at=entry.tainted_at,
     )

@@ -198,6 +198,8 @@ class AuthorityJournalRow(Base):
     activated_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     retired_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     removed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    #: ``meshca ca taint``: when it was marked compromised (its log record says why).
+    tainted_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
     __table_args__ = (
         Index("ix_authority_journal_state", "state"),

@@ -71,3 +71,64 @@ def test_a_move_applies_only_from_the_expected_state_and_all_or_nothing(engine: 
     assert journal.load().get(late.id) is None
     with pytest.raises(JournalConflict, match="already in the journal"):
         journal.record([old], [], NOW)
+
+
+def test_a_taint_is_marked_and_recorded_in_one_transaction_once(engine: Engine) -> None:
+    import threading
+
+    from sqlalchemy import func, select
+
+    from meshca.adapters.storage.tables import IssuanceRecordRow
+    from meshca.core.taint import check_taint, taint_record
+
+    journal = SqlAuthorityJournal(engine)
+    parent = root()
+    child = intermediate(parent, n=5)
+    journal.record([parent, child], [], NOW)
+    request = check_taint(
+        journal.load(),
+        child,
+        reason="leaked",
+        requested_by="sec",
+        emergency=False,
+        peers_may_fail=False,
+        self_managed_roots=True,
+    )
+    record = taint_record(request, NOW + H)
+    # Two racing taints: exactly one marks and records.
+    outcomes: list[object] = []
+
+    def attempt() -> None:
+        try:
+            outcomes.append(SqlAuthorityJournal(engine).taint(child.id, NOW + H, record))
+        except JournalConflict as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=attempt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    leaves = [o for o in outcomes if isinstance(o, int)]
+    assert len(leaves) == 1 and sum(isinstance(o, JournalConflict) for o in outcomes) == 1
+    loaded = journal.load().get(child.id)
+    assert loaded is not None and loaded.tainted_at == NOW + H
+    with engine.connect() as connection:
+        rows = connection.execute(select(func.count()).select_from(IssuanceRecordRow)).scalar()
+        stored = connection.execute(
+            select(IssuanceRecordRow.leaf_index, IssuanceRecordRow.fingerprint_sha256)
+        ).one()
+    assert rows == 1 and stored == (leaves[0], child.fingerprint)
+    # Unknown and removed entries are refused and record nothing.
+    with pytest.raises(JournalConflict):
+        journal.taint("0" * 16, NOW + H, record)
+    journal.record([], [Transition(child.id, ACTIVE, RETIRED)], NOW + H)
+    journal.record([], [Transition(child.id, RETIRED, AuthorityState.REMOVED)], NOW + 2 * H)
+    other = intermediate(parent, n=6)
+    journal.record([other], [], NOW)
+    journal.record([], [Transition(other.id, ACTIVE, RETIRED)], NOW + H)
+    journal.record([], [Transition(other.id, RETIRED, AuthorityState.REMOVED)], NOW + 2 * H)
+    with pytest.raises(JournalConflict):
+        journal.taint(other.id, NOW + 3 * H, record)
+    with engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(IssuanceRecordRow)).scalar() == 1

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12meshca/v1/ca.proto\x12\tmeshca.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x0bSignRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\x9d\x01\n\x0cSignResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\t\x12\x15\n\rintermediates\x18\x02 \x03(\t\x12\x0e\n\x06\x62undle\x18\x03 \x03(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x19\n\x17WatchTrustBundleRequest\"f\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\r\n\x05roots\x18\x02 \x03(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x12\n\njwt_bundle\x18\x04 \x01(\x0c\x12\x0c\n\x04\x63rls\x18\x05 \x03(\x0c\x32\xeb\x01\n\x12\x43\x65rtificateService\x12\x37\n\x04Sign\x12\x16.meshca.v1.SignRequest\x1a\x17.meshca.v1.SignResponse\x12J\n\x0eGetTrustBundle\x12 .meshca.v1.GetTrustBundleRequest\x1a\x16.meshca.v1.TrustBundle\x12P\n\x10WatchTrustBundle\x12\".meshca.v1.WatchTrustBundleRequest\x1a\x16.meshca.v1.TrustBundle0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12meshca/v1/ca.proto\x12\tmeshca.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x0bSignRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\x9d\x01\n\x0cSignResponse\x12\x13\n\x0b\x63\x65rtificate\x18\x01 \x01(\t\x12\x15\n\rintermediates\x18\x02 \x03(\t\x12\x0e\n\x06\x62undle\x18\x03 \x03(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tspiffe_id\x18\x05 \x01(\t\x12\x0e\n\x06serial\x18\x06 \x01(\t\"\x17\n\x15GetTrustBundleRequest\"\x19\n\x17WatchTrustBundleRequest\"w\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\r\n\x05roots\x18\x02 \x03(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x12\n\njwt_bundle\x18\x04 \x01(\x0c\x12\x0f\n\x07tainted\x18\x05 \x03(\t\x12\x0c\n\x04\x63rls\x18\x06 \x03(\x0c\x32\xeb\x01\n\x12\x43\x65rtificateService\x12\x37\n\x04Sign\x12\x16.meshca.v1.SignRequest\x1a\x17.meshca.v1.SignResponse\x12J\n\x0eGetTrustBundle\x12 .meshca.v1.GetTrustBundleRequest\x1a\x16.meshca.v1.TrustBundle\x12P\n\x10WatchTrustBundle\x12\".meshca.v1.WatchTrustBundleRequest\x1a\x16.meshca.v1.TrustBundle0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHTRUSTBUNDLEREQUEST']._serialized_start=300
   _globals['_WATCHTRUSTBUNDLEREQUEST']._serialized_end=325
   _globals['_TRUSTBUNDLE']._serialized_start=327
-  _globals['_TRUSTBUNDLE']._serialized_end=429
-  _globals['_CERTIFICATESERVICE']._serialized_start=432
-  _globals['_CERTIFICATESERVICE']._serialized_end=667
+  _globals['_TRUSTBUNDLE']._serialized_end=446
+  _globals['_CERTIFICATESERVICE']._serialized_start=449
+  _globals['_CERTIFICATESERVICE']._serialized_end=684
 # @@protoc_insertion_point(module_scope)

@@ -43,15 +43,17 @@ class WatchTrustBundleRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrustBundle(_message.Message):
-    __slots__ = ("trust_domain", "roots", "sequence", "jwt_bundle", "crls")
+    __slots__ = ("trust_domain", "roots", "sequence", "jwt_bundle", "tainted", "crls")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     JWT_BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    TAINTED_FIELD_NUMBER: _ClassVar[int]
     CRLS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     roots: _containers.RepeatedScalarFieldContainer[str]
     sequence: int
     jwt_bundle: bytes
+    tainted: _containers.RepeatedScalarFieldContainer[str]
     crls: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., jwt_bundle: _Optional[bytes] = ..., crls: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, trust_domain: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., sequence: _Optional[int] = ..., jwt_bundle: _Optional[bytes] = ..., tainted: _Optional[_Iterable[str]] = ..., crls: _Optional[_Iterable[bytes]] = ...) -> None: ...
