@@ -46,11 +46,15 @@ class AgentSvid:
 
 @dataclass(frozen=True)
 class TrustBundleView:
-    """The roots of one trust domain (DER), with the server's change counter."""
+    """The roots of one trust domain (DER), with the server's change counter.
+
+    ``jwt_bundle`` is the trust domain's JWT-SVID keys as a JWKS (JSON), empty when the
+    server sends none."""
 
     trust_domain: str
     roots_der: tuple[bytes, ...]
     sequence: int
+    jwt_bundle: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,8 @@ class AgentState:
             # (it will shortly): serve the roots that verify the new SVID.
             trust_domain = svid.spiffe_id.split("/")[2]
             sequence = bundle.sequence if bundle else 0
-            bundle = TrustBundleView(trust_domain, roots_der, sequence)
+            jwt_bundle = bundle.jwt_bundle if bundle else b""
+            bundle = TrustBundleView(trust_domain, roots_der, sequence, jwt_bundle)
         self._problems.pop("renewal", None)
         await self._publish(
             replace(
@@ -90,7 +91,11 @@ class AgentState:
 
     async def set_bundle(self, bundle: TrustBundleView) -> None:
         now = self._snapshot
-        if now.bundle is not None and now.bundle.roots_der == bundle.roots_der:
+        if (
+            now.bundle is not None
+            and now.bundle.roots_der == bundle.roots_der
+            and now.bundle.jwt_bundle == bundle.jwt_bundle
+        ):
             return
         await self._publish(replace(now, bundle=bundle, version=now.version + 1))
 
