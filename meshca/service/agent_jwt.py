@@ -104,7 +104,7 @@ class AgentJwt:
         if self._cache_size:
             self._cache[key] = svid
             self._cache.move_to_end(key)
-            self._prune(now)
+            self._prune(self._clock.now())  # not `now`: the new token came after it
         return svid
 
     def _prune(self, now: datetime) -> None:

@@ -44,6 +44,7 @@ class FakeJwtUpstream:
         self.calls.append((token, audiences, spiffe_id))
         if self.fail:
             raise BackendUnavailable("server down")
+        self.clock.advance(timedelta(milliseconds=5))  # the server takes a moment
         now = self.clock.now()
         claims = {"sub": WEB, "aud": list(audiences), "exp": int((now + self.ttl).timestamp())}
         signed = jwt.encode(claims, KEY, algorithm="ES256", headers={"kid": "k1"})
