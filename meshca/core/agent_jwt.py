@@ -3,7 +3,8 @@ that bundle (a JWKS), and when a token fetched earlier may be handed out again.
 
 Validation follows the SPIFFE JWT-SVID standard: the header's ``alg`` is one of the
 asymmetric algorithms it allows (never ``none``, never HMAC), its ``kid`` names a key in
-the bundle of the subject's trust domain, ``sub`` is a SPIFFE ID, ``aud`` names the
+the bundle of the subject's trust domain, ``typ`` (if set) is JWT or JOSE, ``sub`` is a
+SPIFFE ID, ``aud`` names the
 audience asked for and ``exp`` has not passed. Every way a token can be wrong raises
 ``InvalidRequest`` with a ``reason``; nothing else escapes for any input string.
 
@@ -150,8 +151,9 @@ def _jwk_key(jwk: Mapping[str, Any]) -> PublicKey:
 
 def parse_jwks(document: bytes) -> dict[str, PublicKey]:
     """The keys of a JWKS (RFC 7517) by ``kid``: those meant for JWT-SVIDs (``use``
-    ``jwt-svid`` or none), with a ``kid``, of a type JWT-SVIDs allow. Keys that fail those
-    checks are left out; a document that is not a JWKS at all is ``InvalidRequest``."""
+    ``jwt-svid``, which SPIFFE bundles require), with a ``kid``, of a type JWT-SVIDs
+    allow. Keys that fail those checks are left out; a document that is not a JWKS at
+    all is ``InvalidRequest``."""
     try:
         value = json.loads(document or b'{"keys": []}')
     except ValueError as exc:
@@ -161,7 +163,7 @@ def parse_jwks(document: bytes) -> dict[str, PublicKey]:
         raise InvalidRequest("the JWT bundle has no 'keys' list", reason="jwt-bundle-invalid")
     found: dict[str, PublicKey] = {}
     for jwk in keys:
-        if not isinstance(jwk, dict) or jwk.get("use", "jwt-svid") != "jwt-svid":
+        if not isinstance(jwk, dict) or jwk.get("use") != "jwt-svid":
             continue
         kid = jwk.get("kid")
         if not isinstance(kid, str) or not kid:
@@ -244,6 +246,10 @@ def validate_jwt_svid(
     if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
         raise InvalidRequest(
             f"alg {str(alg)[:32]!r} is not allowed for JWT-SVIDs", reason="jwt-alg-not-allowed"
+        )
+    if header.get("typ", "JWT") not in ("JWT", "JOSE"):
+        raise InvalidRequest(
+            "the JWT-SVID's typ is neither JWT nor JOSE", reason="jwt-typ-not-allowed"
         )
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:

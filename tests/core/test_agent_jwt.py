@@ -77,6 +77,8 @@ def test_a_valid_token_returns_its_subject_and_claims() -> None:
     assert valid.claims["jti"] == "abc" and valid.claims["aud"] == ["db", "cache"]
     single = validate_jwt_svid(_token(_claims(aud="db")), "db", BUNDLES, NOW)
     assert single.spiffe_id == SUB
+    assert validate_jwt_svid(_token(typ="JOSE"), "db", BUNDLES, NOW).spiffe_id == SUB
+    assert validate_jwt_svid(_token(typ=None), "db", BUNDLES, NOW).spiffe_id == SUB
     p384 = _token(key=P384, alg="ES384", kid="k384")
     assert validate_jwt_svid(p384, "db", BUNDLES, NOW).spiffe_id == SUB
 
@@ -134,6 +136,7 @@ BAD = [
     ),
     pytest.param(lambda: _token(_claims(sub=None)), "db", "jwt-subject-invalid", id="fail/no-sub"),
     pytest.param(lambda: _token(crit=["exp"]), "db", "jwt-malformed", id="fail/crit"),
+    pytest.param(lambda: _token(typ="at+jwt"), "db", "jwt-typ-not-allowed", id="fail/typ"),
     pytest.param(lambda: "a.b", "db", "jwt-malformed", id="fail/two-parts"),
     pytest.param(lambda: "x" * 20000, "db", "jwt-malformed", id="fail/oversized"),
     pytest.param(lambda: "é.é.é", "db", "jwt-malformed", id="fail/non-ascii"),
@@ -227,6 +230,7 @@ def test_parse_jwks_keeps_only_usable_jwt_svid_keys() -> None:
         "keys": [
             good,
             good | {"kid": "x509", "use": "x509-svid"},
+            {k: v for k, v in good.items() if k != "use"} | {"kid": "no-use"},
             good | {"kid": ""},
             good | {"kid": "bad-point", "x": good["y"]},
             {"kty": "oct", "kid": "hmac", "k": "c2VjcmV0"},

@@ -341,7 +341,17 @@ async def test_after_a_jwt_key_rotation_the_agent_serves_the_new_key_and_old_tok
 def _watch_rotation(server: RunningServer, agent: AgentProcess) -> None:
     issuer = server.settings.jwt_issuer
     assert issuer is not None
-    with WorkloadApiClient(socket_path=agent.endpoint, default_timeout=20) as client:
+    with (
+        WorkloadApiClient(socket_path=agent.endpoint, default_timeout=20) as client,
+        JwtSource(socket_path=agent.endpoint, timeout_in_seconds=20) as source,
+    ):
+        pushed: list[set[str]] = []
+
+        def on_update() -> None:
+            bundle = source.get_bundle_for_trust_domain(TrustDomain(TRUST_DOMAIN))
+            pushed.append(set(bundle.jwt_authorities) if bundle is not None else set())
+
+        source.subscribe_for_updates(on_update)
         first = client.fetch_jwt_svid({AUDIENCE})
         old_kid = _kid(first.token)
         last_old = first
@@ -364,6 +374,8 @@ def _watch_rotation(server: RunningServer, agent: AgentProcess) -> None:
                 "a token of the retired key still validates while the key is in the bundle"
             )
             assert _oidc_verify(svid.token, issuer, AUDIENCE)["sub"] == WEB
+            # FetchJWTBundles pushed the new key to a stream opened before it existed.
+            assert any(_kid(svid.token) in keys for keys in pushed), pushed
             break
         else:
             raise AssertionError(f"no JWT key rotation seen:\n{agent.log()}")
