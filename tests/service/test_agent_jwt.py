@@ -160,3 +160,19 @@ async def test_validate_without_a_bundle_is_not_ready() -> None:
     agent = AgentJwt(AgentState(), FakeJwtUpstream(clock), read_token=Tokens(), clock=clock)
     with pytest.raises(AuthorityNotReady):
         agent.validate("a.b.c", "db")
+
+
+async def test_a_jwt_key_change_alone_is_a_bundle_change_and_survives_a_new_root() -> None:
+    state = AgentState()
+    await state.set_bundle(TrustBundleView("example.org", (b"r1",), 1, b'{"keys": [1]}'))
+    before = state.current.version
+    await state.set_bundle(TrustBundleView("example.org", (b"r1",), 2, b'{"keys": [1]}'))
+    assert state.current.version == before, "nothing changed"
+    await state.set_bundle(TrustBundleView("example.org", (b"r1",), 3, b'{"keys": [2]}'))
+    assert state.current.version == before + 1, "the JWT keys changed: streams must push"
+    now = FakeClock().now()
+    svid = AgentSvid(WEB, (b"leaf",), b"key", now, now + timedelta(hours=1), "1")
+    await state.set_svid(svid, (b"r2", b"r1"))  # a root the watch has not shown yet
+    bundle = state.current.bundle
+    assert bundle is not None and bundle.roots_der == (b"r2", b"r1")
+    assert bundle.jwt_bundle == b'{"keys": [2]}', "the JWT keys are kept"
