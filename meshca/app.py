@@ -151,20 +151,23 @@ async def start_agent(config: AgentConfig) -> RunningAgent:
     from meshca.adapters.agent.runtime import serve_agent, upstream_channel
     from meshca.adapters.agent.upstream import GrpcUpstream, TokenFile, new_key_and_csr
     from meshca.service.agent import AgentRunner, AgentState
+    from meshca.service.agent_jwt import AgentJwt
 
     channel = upstream_channel(config)
     state = AgentState()
+    upstream = GrpcUpstream(channel)
     runner = AgentRunner(
         state,
-        GrpcUpstream(channel),
+        upstream,
         read_token=TokenFile(config.token_file),
         key_and_csr=new_key_and_csr,
         clock=SystemClock(),
         draw=random.random,
         policy=config.policy,
     )
+    jwt = AgentJwt(state, upstream, read_token=TokenFile(config.token_file), clock=SystemClock())
     try:
-        return await serve_agent(config, state, runner, channel)
+        return await serve_agent(config, state, runner, channel, jwt)
     except BaseException:
         await channel.close()
         raise

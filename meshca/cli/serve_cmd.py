@@ -103,7 +103,7 @@ HELP = {
     "COUNT/PERIOD, e.g. 30/1m; counted once for all the workers (default off; see "
     "docs/operations.md)",
     "max_jwt_svid_ttl": "longest lifetime a JWT-SVID may be asked for (default 1h; a request "
-    "for none gets 5m)",
+    "for none gets 5m, or this if shorter)",
     "jwt_issuer": "the 'iss' claim of every JWT-SVID: the public https:// URL where "
     "--oidc-discovery is reached (default: no 'iss')",
     "oidc_discovery": "HOST:PORT serving /.well-known/openid-configuration and its JWKS "

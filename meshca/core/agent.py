@@ -53,7 +53,10 @@ class AgentSvid:
 @dataclass(frozen=True)
 class TrustBundleView:
     """The roots of one trust domain (DER), with the server's change counter, and the
-    CRLs (DER) of its intermediates."""
+    CRLs (DER) of its intermediates.
+
+    ``jwt_bundle`` is the trust domain's JWT-SVID keys as a JWKS (JSON), empty when the
+    server sends none."""
 
     trust_domain: str
     roots_der: tuple[bytes, ...]
@@ -62,6 +65,7 @@ class TrustBundleView:
     tainted: frozenset[str] = frozenset()
     #: The intermediates' CRLs, DER, as the server sent them.
     crls_der: tuple[bytes, ...] = ()
+    jwt_bundle: bytes = b""
 
 
 @dataclass(frozen=True)

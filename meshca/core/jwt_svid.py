@@ -84,8 +84,10 @@ def jwt_lifetime(
     key_not_after: datetime,
 ) -> tuple[datetime, datetime]:
     """``(iat, exp)`` in whole seconds: the requested TTL (default five minutes), capped to
-    ``maximum`` and to the signing key's end. ``InvalidRequest`` for a TTL above the max."""
-    ttl = DEFAULT_JWT_SVID_TTL if requested is None else requested
+    ``maximum`` and to the signing key's end. ``InvalidRequest`` for a TTL asked above the
+    max; the default is capped to it (a caller that asks for none, like ``meshca agent``,
+    gets a token under a short ``--max-jwt-svid-ttl`` too)."""
+    ttl = min(DEFAULT_JWT_SVID_TTL, maximum) if requested is None else requested
     if ttl > maximum:
         raise InvalidRequest(
             f"a JWT-SVID lifetime of {int(ttl.total_seconds())}s was asked; the maximum is "

@@ -79,7 +79,10 @@ class AgentState:
             trust_domain = svid.spiffe_id.split("/")[2]
             sequence = bundle.sequence if bundle else 0
             crls = bundle.crls_der if bundle else ()
-            bundle = TrustBundleView(trust_domain, roots_der, sequence, crls_der=crls)
+            jwt_bundle = bundle.jwt_bundle if bundle else b""
+            bundle = TrustBundleView(
+                trust_domain, roots_der, sequence, crls_der=crls, jwt_bundle=jwt_bundle
+            )
         self._problems.pop("renewal", None)
         await self._publish(
             replace(
@@ -97,6 +100,7 @@ class AgentState:
             now.bundle is not None
             and now.bundle.roots_der == bundle.roots_der
             and now.bundle.crls_der == bundle.crls_der
+            and now.bundle.jwt_bundle == bundle.jwt_bundle
         ):
             return
         await self._publish(replace(now, bundle=bundle, version=now.version + 1))

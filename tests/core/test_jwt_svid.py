@@ -92,6 +92,13 @@ def test_lifetime_default_requested_and_capped_to_the_key() -> None:
     ), "never past the signing key's end"
 
 
+def test_the_default_lifetime_is_capped_to_a_shorter_maximum() -> None:
+    short = timedelta(seconds=20)
+    assert jwt_lifetime(NOW, None, short, NOW + timedelta(days=1)) == (NOW, NOW + short)
+    with pytest.raises(InvalidRequest):
+        jwt_lifetime(NOW, DEFAULT_JWT_SVID_TTL, short, NOW + timedelta(days=1))
+
+
 def test_lifetime_above_the_maximum_is_refused() -> None:
     with pytest.raises(InvalidRequest) as caught:
         jwt_lifetime(NOW, HOUR + timedelta(seconds=1), HOUR, NOW + timedelta(days=1))

@@ -256,11 +256,17 @@ def test_dev_agent_serves_py_spiffe_against_dev_serve(tmp_path: Path) -> None:
         else:
             raise AssertionError("the dev agent never said it serves")
 
-        def fetch() -> str:
+        def fetch() -> tuple[str, str, str]:
             with WorkloadApiClient(socket_path=f"unix://{sock}", default_timeout=20) as client:
-                return str(client.fetch_x509_svid().spiffe_id)
+                x509_id = str(client.fetch_x509_svid().spiffe_id)
+                token = client.fetch_jwt_svid({"https://api.example.org"}).token
+                valid = client.validate_jwt_svid(token, "https://api.example.org")
+                return x509_id, str(valid.spiffe_id), token
 
-        assert fetch() == "spiffe://cluster.local/ns/default/sa/cart"
+        cart = "spiffe://cluster.local/ns/default/sa/cart"
+        x509_id, jwt_id, token = fetch()
+        assert (x509_id, jwt_id) == (cart, cart), "X509- and JWT-SVIDs from the dev agent"
+        assert token.count(".") == 2
     finally:
         if agent is not None:
             agent.send_signal(signal.SIGTERM)

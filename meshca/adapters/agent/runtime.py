@@ -29,6 +29,7 @@ from meshca.adapters.agent.socket_path import claim_socket_path
 from meshca.adapters.agent.workload_api import SERVICE_NAME, add_workload_api
 from meshca.core.agent import RenewalPolicy, svid_usable
 from meshca.service.agent import AgentRunner, AgentSnapshot, AgentState
+from meshca.service.agent_jwt import AgentJwt
 
 __all__ = ["UPSTREAM_HEALTH", "AgentConfig", "RunningAgent", "serve_agent", "upstream_channel"]
 
@@ -154,7 +155,11 @@ def upstream_channel(config: AgentConfig) -> grpc.aio.Channel:
 
 
 async def serve_agent(
-    config: AgentConfig, state: AgentState, runner: AgentRunner, channel: grpc.aio.Channel
+    config: AgentConfig,
+    state: AgentState,
+    runner: AgentRunner,
+    channel: grpc.aio.Channel,
+    jwt: AgentJwt,
 ) -> RunningAgent:
     """Claim the socket, serve on it and start ``runner``'s loops, health and --out-dir.
 
@@ -164,7 +169,7 @@ async def serve_agent(
     """
     claim_socket_path(config.socket)
     server = grpc.aio.server()
-    add_workload_api(server, state)
+    add_workload_api(server, state, jwt)
     sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(SdsServicer(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -11,8 +12,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc
+from meshca.adapters.grpc._gen.meshca.v1 import ca_pb2, ca_pb2_grpc, jwt_pb2, jwt_pb2_grpc
 from meshca.core.agent import MAX_TAINTED, AgentSvid, TrustBundleView
+from meshca.core.agent_jwt import AgentJwtSvid
 from meshca.core.errors import (
     AuthenticationFailed,
     BackendUnavailable,
@@ -84,10 +86,33 @@ def _der(pem: str) -> bytes:
 
 
 class GrpcUpstream:
-    """``meshca.core.agent.Upstream`` over ``meshca.v1.CertificateService``."""
+    """``meshca.core.agent.Upstream`` over ``meshca.v1.CertificateService``, and
+    ``meshca.core.agent_jwt.JwtUpstream`` over ``meshca.v1.JwtSvidService``."""
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = ca_pb2_grpc.CertificateServiceStub(channel)
+        self._jwt_stub = jwt_pb2_grpc.JwtSvidServiceStub(channel)
+
+    async def sign_jwt(
+        self, token: str, audiences: tuple[str, ...], spiffe_id: str
+    ) -> AgentJwtSvid:
+        """A JWT-SVID of the server's default lifetime; ``fetched_at`` is when it came."""
+        try:
+            response = await self._jwt_stub.SignJwtSvid(
+                jwt_pb2.SignJwtSvidRequest(audiences=list(audiences), spiffe_id=spiffe_id),
+                metadata=[("authorization", f"Bearer {token}")],
+                timeout=SIGN_TIMEOUT,
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc, "SignJwtSvid") from exc
+        if not response.token or not response.HasField("expires_at"):
+            raise BackendUnavailable("SignJwtSvid: the server's answer has no token")
+        return AgentJwtSvid(
+            spiffe_id=response.spiffe_id,
+            token=response.token,
+            fetched_at=datetime.now(UTC),
+            expires_at=response.expires_at.ToDatetime(UTC),
+        )
 
     async def sign(
         self, token: str, csr_der: bytes, key_der: bytes
@@ -136,7 +161,14 @@ class GrpcUpstream:
                         x509.load_der_x509_crl(crl)
                     except ValueError as exc:
                         raise BackendUnavailable(f"WatchTrustBundle: bad CRL: {exc}") from exc
-                yield TrustBundleView(message.trust_domain, roots, message.sequence, tainted, crls)
+                yield TrustBundleView(
+                    message.trust_domain,
+                    roots,
+                    message.sequence,
+                    tainted=tainted,
+                    crls_der=crls,
+                    jwt_bundle=bytes(message.jwt_bundle),
+                )
         except grpc.RpcError as exc:
             raise _error(exc, "WatchTrustBundle") from exc
         finally:

@@ -1,4 +1,5 @@
-"""The SPIFFE Workload API (X.509 half) on the agent's socket.
+"""The SPIFFE Workload API on the agent's socket: X.509-SVIDs and bundles, JWT-SVIDs
+(fetched through the server, validated locally) and JWT bundles.
 
 Stubs: the generated ``workload_pb2`` of the ``spiffe`` package (py-spiffe). The
 upstream ``workloadapi.proto`` has no package, so its message and service names are
@@ -8,6 +9,11 @@ code, our own tests), and protobuf refuses duplicate symbols. py-spiffe's copy h
 message and method of the X.509 and JWT parts with upstream's field numbers; the two WIT
 methods it lacks are answered here by a generic handler with UNIMPLEMENTED, as the
 specification requires of an agent without WIT-SVIDs.
+
+JWT refusals: a request the agent finds wrong (no audience, too many, a bad token to
+validate) is INVALID_ARGUMENT; a SPIFFE ID other than the pod's is PERMISSION_DENIED;
+the server's own refusals keep their meaning (``meshca.adapters.grpc.errors``'s table).
+Every refusal is logged with its ``reason=``.
 
 Rules from ``SPIFFE_Workload_Endpoint.md``: every call must carry the metadata
 ``workload.spiffe.io: true``, else INVALID_ARGUMENT. Keys are PKCS#8 DER, chains and
@@ -22,10 +28,14 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf import struct_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
+from meshca.adapters.grpc.errors import bounded_detail, status_for
 from meshca.core.agent import svid_usable
+from meshca.core.errors import MeshcaError
 from meshca.service.agent import AgentSnapshot, AgentState
+from meshca.service.agent_jwt import AgentJwt
 
 __all__ = [
     "SERVICE_NAME",
@@ -41,11 +51,9 @@ SERVICE_NAME = "SpiffeWorkloadAPI"
 #: Newer than py-spiffe's generated stubs: registered by name, answered UNIMPLEMENTED.
 WIT_METHODS = ("FetchWITSVID", "FetchWITBundles")
 HEADER = "workload.spiffe.io"
-JWT_LATER = (
-    "JWT-SVIDs are not served by this meshca agent yet (issue 11, part 2): "
-    "only the X.509 Workload API is available"
-)
 WIT_NEVER = "WIT-SVIDs are not supported by meshca"
+#: What FetchJWTBundles sends for a trust domain whose server signs no JWT-SVIDs.
+EMPTY_JWKS = b'{"keys": []}'
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpcio ships no type hints
 
@@ -74,6 +82,13 @@ async def _unimplemented(context: Context, message: str) -> NoReturn:
     raise AssertionError("context.abort() raises")
 
 
+async def _refuse(context: Context, method: str, exc: MeshcaError) -> NoReturn:
+    code = status_for(exc)
+    log.warning("refused %s: reason=%s (%s) -> %s", method, exc.reason, exc.message, code.name)
+    await context.abort(code, bounded_detail(exc.message))
+    raise AssertionError("context.abort() raises")
+
+
 def _trust_domain_id(snapshot: AgentSnapshot) -> str:
     assert snapshot.bundle is not None
     return f"spiffe://{snapshot.bundle.trust_domain}"
@@ -86,8 +101,9 @@ def _ready(snapshot: AgentSnapshot) -> bool:
 class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     """Streams push the current SVID/bundle, then again on every renewal or bundle change."""
 
-    def __init__(self, state: AgentState) -> None:
+    def __init__(self, state: AgentState, jwt: AgentJwt) -> None:
         self._state = state
+        self._jwt = jwt
 
     async def _snapshots(self) -> AsyncIterator[AgentSnapshot]:
         snapshot = self._state.current
@@ -135,20 +151,49 @@ class WorkloadApiServicer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self, request: workload_pb2.JWTSVIDRequest, context: Context
     ) -> workload_pb2.JWTSVIDResponse:
         await _require_header(context, "FetchJWTSVID")
-        await _unimplemented(context, JWT_LATER)
+        try:
+            svid = await self._jwt.fetch(tuple(request.audience), request.spiffe_id)
+        except MeshcaError as exc:
+            await _refuse(context, "FetchJWTSVID", exc)
+        return workload_pb2.JWTSVIDResponse(
+            svids=[workload_pb2.JWTSVID(spiffe_id=svid.spiffe_id, svid=svid.token)]
+        )
 
     async def FetchJWTBundles(
         self, request: workload_pb2.JWTBundlesRequest, context: Context
     ) -> AsyncIterator[workload_pb2.JWTBundlesResponse]:
         await _require_header(context, "FetchJWTBundles")
-        await _unimplemented(context, JWT_LATER)
-        yield workload_pb2.JWTBundlesResponse()  # never reached: makes this a stream
+        snapshot = self._state.current
+        last: bytes | None = None
+        while True:
+            bundle = snapshot.bundle
+            if bundle is not None and bundle.jwt_bundle != last:
+                last = bundle.jwt_bundle
+                yield workload_pb2.JWTBundlesResponse(
+                    bundles={_trust_domain_id(snapshot): last or EMPTY_JWKS}
+                )
+            snapshot = await self._state.wait_newer(snapshot.version)
 
     async def ValidateJWTSVID(
         self, request: workload_pb2.ValidateJWTSVIDRequest, context: Context
     ) -> workload_pb2.ValidateJWTSVIDResponse:
         await _require_header(context, "ValidateJWTSVID")
-        await _unimplemented(context, JWT_LATER)
+        try:
+            valid = self._jwt.validate(request.svid, request.audience)
+        except MeshcaError as exc:
+            await _refuse(context, "ValidateJWTSVID", exc)
+        claims = struct_pb2.Struct()
+        try:
+            claims.update(dict(valid.claims))
+        except (ValueError, TypeError):
+            # A claim protobuf's Struct cannot hold (an integer beyond 2**63, say): the
+            # token verified, but its claims cannot be returned faithfully.
+            log.warning("refused ValidateJWTSVID: reason=jwt-claims-unrepresentable")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the JWT-SVID's claims cannot be represented as a protobuf Struct",
+            )
+        return workload_pb2.ValidateJWTSVIDResponse(spiffe_id=valid.spiffe_id, claims=claims)
 
 
 async def _wit(request: bytes, context: Context) -> None:
@@ -156,8 +201,10 @@ async def _wit(request: bytes, context: Context) -> None:
     await _unimplemented(context, WIT_NEVER)
 
 
-def add_workload_api(server: grpc.aio.Server, state: AgentState) -> None:
+def add_workload_api(server: grpc.aio.Server, state: AgentState, jwt: AgentJwt) -> None:
     """Register the Workload API (and the WIT refusals) on ``server``."""
-    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(WorkloadApiServicer(state), server)
+    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(
+        WorkloadApiServicer(state, jwt), server
+    )
     wit = {name: grpc.unary_unary_rpc_method_handler(_wit) for name in WIT_METHODS}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, wit),))
