@@ -29,6 +29,7 @@ from meshca.core.errors import (
     Revoked,
 )
 from meshca.core.ports import AuditLog, Clock, OutcomeObserver
+from meshca.service.outcomes import observe, record_refusal
 
 __all__ = ["Caller", "CallerGuard", "PolicyAccess", "refuse_revoked_svid"]
 
@@ -181,14 +182,5 @@ class CallerGuard:
             spiffe_id=caller.spiffe_id[:2048] if caller.spiffe_id else None,
             peer=caller.peer,
         )
-        try:
-            await self._audit.append(record)
-        except MeshcaError:
-            log.error("refusal record not committed: %s %s", record.reason, record.api)
-        except Exception:
-            log.exception("refusal record not committed")
-        if self._on_outcome is not None:
-            try:
-                self._on_outcome(record, self._clock.now() - now)
-            except Exception:
-                log.exception("an outcome observer failed")
+        await record_refusal(self._audit, record)
+        observe(self._on_outcome, record, self._clock.now() - now)

@@ -46,6 +46,7 @@ from meshca.core.linkerd import (
 from meshca.core.ports import Attestor, AuditLog, Clock, IssuanceLimiter, OutcomeObserver
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.core.svid_rules import check_leaf_svid
+from meshca.service.outcomes import observe, record_refusal
 
 __all__ = [
     "MAX_TOKEN_BYTES",
@@ -340,22 +341,11 @@ class CertificateService:
             peer=request.peer,
             **identity_fields(context.identity),
         )
-        try:
-            await self._audit.append(record)
-        except MeshcaError:
-            # The caller already gets a refusal; losing its record is logged loudly.
-            log.error("refusal record not committed: %s %s", record.reason, record.spiffe_id)
-        except Exception:
-            log.exception("refusal record not committed")
+        await record_refusal(self._audit, record)
         self._observe(record, now)
 
     def _observe(self, record: AuditRecord, started: datetime) -> None:
-        if self._on_outcome is None:
-            return
-        try:
-            self._on_outcome(record, self._clock.now() - started)
-        except Exception:
-            log.exception("an outcome observer failed")
+        observe(self._on_outcome, record, self._clock.now() - started)
 
 
 async def attest_bearer(

@@ -36,6 +36,7 @@ from meshca.core.ports import Attestor, AuditLog, Clock, OutcomeObserver
 from meshca.core.spiffe import SpiffeId, TrustDomain
 from meshca.service.authority import JwtSigner
 from meshca.service.ca import attest_bearer, identity_fields
+from meshca.service.outcomes import observe, record_refusal
 
 __all__ = ["JwtSvidRequest", "JwtSvidService", "SignedJwtSvid", "audiences_detail"]
 
@@ -225,21 +226,11 @@ class JwtSvidService:
             peer=request.peer,
             **identity_fields(identity),
         )
-        try:
-            await self._audit.append(record)
-        except MeshcaError:
-            log.error("refusal record not committed: %s %s", record.reason, record.spiffe_id)
-        except Exception:
-            log.exception("refusal record not committed")
+        await record_refusal(self._audit, record)
         self._observe(record, now)
 
     def _observe(self, record: AuditRecord, started: datetime) -> None:
-        if self._on_outcome is None:
-            return
-        try:
-            self._on_outcome(record, self._clock.now() - started)
-        except Exception:
-            log.exception("an outcome observer failed")
+        observe(self._on_outcome, record, self._clock.now() - started)
 
 
 def _check_asked_id(asked: str | None, attested: SpiffeId) -> None:
