@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from meshca.core.audit import AuditRecord, Outcome, encode_time
-from meshca.core.errors import InvalidRequest, InvalidSpiffeId, UnsafeChange
+from meshca.core.errors import InvalidRequest, InvalidSpiffeId, Revoked, UnsafeChange
 from meshca.core.spiffe import SpiffeId, TrustDomain
 
 __all__ = [
@@ -152,6 +152,24 @@ class DenyList:
         if serial is not None:
             found += _standing(kinds[DenyKind.SERIAL].get(serial, ()), now)
         return min(found, key=lambda e: e.id) if found else None
+
+    def refuse(
+        self,
+        spiffe_id: SpiffeId | str | None,
+        key_sha256: str | None,
+        serial: str | None,
+        now: datetime,
+        *,
+        what: str,
+        reason: str = "revoked",
+    ) -> None:
+        """Raise ``Revoked`` naming only the entry's id when ``is_denied`` finds one.
+
+        ``what`` says what was refused ("issuance", "client certificate").
+        """
+        entry = self.is_denied(spiffe_id, key_sha256, serial, now)
+        if entry is not None:
+            raise Revoked(f"{what} refused by deny-list entry {entry.id}", reason=reason)
 
     def standing(self, now: datetime) -> tuple[DenyEntry, ...]:
         """Every entry standing at ``now``, by id."""

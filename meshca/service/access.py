@@ -26,7 +26,6 @@ from meshca.core.errors import (
     InternalError,
     MeshcaError,
     NotAuthorized,
-    Revoked,
 )
 from meshca.core.ports import AuditLog, Clock, OutcomeObserver
 from meshca.service.outcomes import observe, record_refusal
@@ -129,11 +128,9 @@ def refuse_revoked_svid(
     The handshake checked the chain; this is the revocation check mTLS cannot make, so
     a revoked SVID stops opening doors within one deny-list poll, not at its expiry.
     """
-    entry = deny_list.is_denied(spiffe_id, key_sha256, serial, now)
-    if entry is not None:
-        raise Revoked(
-            f"client certificate refused by deny-list entry {entry.id}", reason="revoked-svid"
-        )
+    deny_list.refuse(
+        spiffe_id, key_sha256, serial, now, what="client certificate", reason="revoked-svid"
+    )
 
 
 class CallerGuard:

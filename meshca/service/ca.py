@@ -31,7 +31,6 @@ from meshca.core.errors import (
     NotAuthorized,
     RateLimited,
     RequestTooLarge,
-    Revoked,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.issuance import IssuancePolicy, authorize_csr, issue_leaf_der, leaf_lifetime
@@ -324,9 +323,7 @@ class CertificateService:
         if denied.has_keys:
             spki = csr.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
             key = key_sha256(spki)
-        entry = denied.is_denied(spiffe_id, key, None, now)
-        if entry is not None:
-            raise Revoked(f"issuance refused by deny-list entry {entry.id}")
+        denied.refuse(spiffe_id, key, None, now, what="issuance")
 
     async def _record_refusal(
         self, request: SignRequest, now: datetime, context: _RefusalContext, error: MeshcaError

@@ -28,7 +28,6 @@ from meshca.core.errors import (
     InvalidSpiffeId,
     MeshcaError,
     NotAuthorized,
-    Revoked,
 )
 from meshca.core.identity import KubernetesIdentity, spiffe_id_for
 from meshca.core.jwt_svid import algorithm_for, check_audiences, jwt_lifetime, jwt_svid_claims
@@ -204,9 +203,7 @@ class JwtSvidService:
         denied = None if self._deny_list is None else self._deny_list()
         if denied is None or denied.empty:
             return
-        entry = denied.is_denied(spiffe_id, None, None, now)
-        if entry is not None:
-            raise Revoked(f"issuance refused by deny-list entry {entry.id}")
+        denied.refuse(spiffe_id, None, None, now, what="issuance")
 
     async def _record_refusal(
         self,
