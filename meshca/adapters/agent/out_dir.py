@@ -8,27 +8,15 @@ a reader that sees a new chain finds its key already there.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from meshca.adapters.keys.file_store import write_atomically
 from meshca.service.agent import AgentSnapshot
 
 __all__ = ["write_snapshot"]
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _pem_certs(ders: tuple[bytes, ...]) -> bytes:
@@ -48,10 +36,10 @@ def write_snapshot(out_dir: Path, snapshot: AgentSnapshot) -> list[str]:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _atomic_write(out_dir / "key.pem", key_pem, 0o600)
-        _atomic_write(out_dir / "chain.pem", _pem_certs(snapshot.svid.chain_der), 0o644)
+        write_atomically(out_dir / "key.pem", key_pem, 0o600)
+        write_atomically(out_dir / "chain.pem", _pem_certs(snapshot.svid.chain_der), 0o644)
         written += ["key.pem", "chain.pem"]
     if snapshot.bundle is not None:
-        _atomic_write(out_dir / "bundle.pem", _pem_certs(snapshot.bundle.roots_der), 0o644)
+        write_atomically(out_dir / "bundle.pem", _pem_certs(snapshot.bundle.roots_der), 0o644)
         written.append("bundle.pem")
     return written

@@ -41,7 +41,7 @@ from meshca.core.rotation import (
 )
 from meshca.core.spiffe import TrustDomain
 
-__all__ = ["FileCaStore", "new_serial", "write_private"]
+__all__ = ["FileCaStore", "new_serial", "write_atomically", "write_private"]
 
 #: Key references of the pre-journal layout, relative to the ``ca`` directory.
 LEGACY_ROOT_KEY = "file:root.key"
@@ -61,9 +61,16 @@ def new_serial() -> int:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600."""
+    write_atomically(path, data, 0o600)
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode`` (not narrowed by the umask): a temporary
+    file in the same directory, fsync, rename, so a reader sees the old file or the new."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
     finally:
