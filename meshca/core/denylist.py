@@ -43,6 +43,7 @@ __all__ = [
     "DenyRequest",
     "check_lift",
     "check_request",
+    "check_text",
     "key_sha256",
     "lift_record",
     "parse_key_sha256",
@@ -248,7 +249,9 @@ def parse_key_sha256(text: str) -> str:
     return digits
 
 
-def _check_text(text: str, what: str, limit: int) -> str:
+def check_text(text: str, what: str, limit: int) -> str:
+    """``text`` stripped, if it is one non-empty line of printable text within ``limit``:
+    a reason or a requester, as revokes and taints record them."""
     value = text.strip()
     if not value:
         raise InvalidRequest(f"{what} is empty: say why", reason="invalid-" + what)
@@ -299,8 +302,8 @@ def check_request(
                 f"until {encode_time(until)} is not in the future (now {encode_time(now)})",
                 reason="invalid-until",
             )
-    why = _check_text(reason, "reason", MAX_REASON_CHARS)
-    who = _check_text(requested_by, "by", MAX_BY_CHARS)
+    why = check_text(reason, "reason", MAX_REASON_CHARS)
+    who = check_text(requested_by, "by", MAX_BY_CHARS)
     match kind:
         case DenyKind.SERIAL:
             canonical = parse_serial(value)
@@ -327,8 +330,8 @@ def check_request(
 
 def check_lift(requested_by: str, reason: str) -> tuple[str, str]:
     """Who lifts an entry and why (the reason may be empty); ``InvalidRequest`` otherwise."""
-    who = _check_text(requested_by, "by", MAX_BY_CHARS)
-    why = _check_text(reason, "reason", MAX_REASON_CHARS) if reason.strip() else ""
+    who = check_text(requested_by, "by", MAX_BY_CHARS)
+    why = check_text(reason, "reason", MAX_REASON_CHARS) if reason.strip() else ""
     return who, why
 
 

@@ -26,12 +26,12 @@ The prediction counts distinct SPIFFE IDs, from the issuance log's ``issued`` re
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 from meshca.core.audit import AuditRecord, Outcome
+from meshca.core.denylist import MAX_BY_CHARS, MAX_REASON_CHARS, check_text
 from meshca.core.errors import InvalidRequest, UnsafeChange
 from meshca.core.rotation import (
     AuthorityEntry,
@@ -57,8 +57,6 @@ __all__ = [
 
 #: A fingerprint prefix shorter than this is refused: ``meshca ca status`` shows 16.
 MIN_PREFIX_HEX = 16
-MAX_REASON_CHARS = 1000
-MAX_BY_CHARS = 200
 #: The ``api`` of the log records of taints.
 RECORD_API = "taint"
 
@@ -143,19 +141,6 @@ def resolve(
     return found[0]
 
 
-def _check_text(text: str, what: str, limit: int) -> str:
-    value = text.strip()
-    if not value:
-        raise InvalidRequest(f"{what} is empty: say why", reason="invalid-" + what)
-    if len(value) > limit:
-        raise InvalidRequest(
-            f"{what} is {len(value)} characters; the limit is {limit}", reason="invalid-" + what
-        )
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in value):
-        raise InvalidRequest(f"{what} must be one line of printable text", reason="invalid-" + what)
-    return value
-
-
 def check_taint(
     authorities: AuthoritySet,
     entry: AuthorityEntry,
@@ -173,8 +158,8 @@ def check_taint(
     intermediate (it never waits) or without ``peers_may_fail``; a root meshca cannot
     replace (the upstream CA's, or any root when roots come from upstream).
     """
-    why = _check_text(reason, "reason", MAX_REASON_CHARS)
-    who = _check_text(requested_by, "by", MAX_BY_CHARS)
+    why = check_text(reason, "reason", MAX_REASON_CHARS)
+    who = check_text(requested_by, "by", MAX_BY_CHARS)
     if entry.tainted_at is not None:
         raise UnsafeChange(
             f"{entry.kind} {entry.id} was already tainted at {entry.tainted_at:%Y-%m-%d %H:%M:%SZ}"
