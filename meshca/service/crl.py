@@ -14,7 +14,6 @@ until their ``nextUpdate``) and the publisher reports itself degraded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from meshca.core.denylist import DenyList
 from meshca.core.errors import BackendUnavailable, MeshcaError
 from meshca.core.ports import Clock
 from meshca.core.rotation import AuthorityKind, AuthoritySet, AuthorityState
+from meshca.service.polling import poll_with_backoff
 
 __all__ = [
     "CrlPublisher",
@@ -236,27 +236,26 @@ class CrlPublisher:
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:
         """Refresh every ``interval`` seconds until ``stop``; back off while failing."""
-        delay = interval
-        while not stop.is_set():
-            version = self._set.version
-            try:
-                await asyncio.to_thread(self.refresh)
-            except MeshcaError as error:
-                delay = min(max(delay, interval) * 2, max(self._max_backoff, interval))
-                self._set_degraded(f"{error.message}; retrying in {delay:.3g}s")
-            except Exception as error:
-                delay = min(max(delay, interval) * 2, max(self._max_backoff, interval))
-                log.exception("CRL refresh failed")
-                self._set_degraded(f"unexpected {type(error).__name__}; retrying in {delay:.3g}s")
-            else:
-                delay = interval
-                self._set_degraded(None)
-            if self._set.version != version:
-                # New CRLs (all, or all but a failed one's): wake watchers, on the event
-                # loop since asyncio events are not thread-safe.
+        seen = self._set.version
+
+        def wake_on_change() -> None:
+            # New CRLs (all, or all but a failed one's): wake watchers, on the event loop
+            # since asyncio events are not thread-safe.
+            nonlocal seen
+            if self._set.version != seen:
+                seen = self._set.version
                 self._wake()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+
+        await poll_with_backoff(
+            self.refresh,
+            stop,
+            interval=interval,
+            max_backoff=self._max_backoff,
+            report=self._set_degraded,
+            log=log,
+            what="CRL",
+            after_round=wake_on_change,
+        )
 
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

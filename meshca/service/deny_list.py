@@ -8,12 +8,11 @@ reports itself degraded and retries with backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from meshca.core.denylist import DenyList
-from meshca.core.errors import MeshcaError
 from meshca.core.ports import DenyListSource
+from meshca.service.polling import poll_with_backoff
 
 __all__ = ["DenyListFollower"]
 
@@ -50,22 +49,15 @@ class DenyListFollower:
 
     async def run(self, stop: asyncio.Event, interval: float) -> None:
         """Refresh every ``interval`` seconds until ``stop``; back off while storage fails."""
-        delay = interval
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(self.refresh)
-            except MeshcaError as error:
-                delay = min(max(delay, interval) * 2, max(self._max_backoff, interval))
-                self._set_degraded(f"{error.message}; retrying in {delay:.3g}s")
-            except Exception as error:
-                delay = min(max(delay, interval) * 2, max(self._max_backoff, interval))
-                log.exception("deny-list refresh failed")
-                self._set_degraded(f"unexpected {type(error).__name__}; retrying in {delay:.3g}s")
-            else:
-                delay = interval
-                self._set_degraded(None)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+        await poll_with_backoff(
+            self.refresh,
+            stop,
+            interval=interval,
+            max_backoff=self._max_backoff,
+            report=self._set_degraded,
+            log=log,
+            what="deny-list",
+        )
 
     def _set_degraded(self, problem: str | None) -> None:
         if problem == self.degraded:
